@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11) and installs t5x_lite with the versions CI tested
+# (constraints.txt). Skips the work when setup.py and constraints.txt are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+stamp_hash=$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$stamp_hash
+if [ -f "$stamp" ]; then exit 0; fi
+if [ ! -x .venv/bin/python ]; then
+  echo "Creating .venv with $($PYTHON --version)..." >&2
+  "$PYTHON" -m venv .venv
+fi
+echo "Installing t5x_lite and its pinned dependencies into .venv (about 1 minute)..." >&2
+.venv/bin/python -m pip install -q --upgrade pip >&2
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' >&2
+rm -f .venv/.installed-*
+touch "$stamp"
