@@ -1,0 +1,98 @@
+"""Evaluation entry point: restores the newest checkpoint in MODEL_DIR, reports validation
+loss and token accuracy, and prints infillings (the masked snippet, the model's fill, the truth).
+
+  python -m t5x_lite.eval --gin_file=gin/quickstart.gin
+"""
+import os
+
+import gin
+import jax
+import numpy as np
+import seqio
+
+from t5x_lite import checkpoints
+from t5x_lite import launch
+from t5x_lite import metrics_io
+from t5x_lite import models
+from t5x_lite import partitioning
+from t5x_lite import train
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import tasks
+
+
+def restore_model(model_config: models.T5Config, model_dir: str, mesh
+                  ) -> tuple[models.EncoderDecoderModel, int, object]:
+    """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
+    model = models.EncoderDecoderModel(model_config)
+    shardings = trainer_lib.param_shardings(model, mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(model.init, jax.random.key(0)), shardings)
+    if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
+        raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: train first "
+                                "(python -m t5x_lite.train with the same gin files)")
+    manager = checkpoints.create_manager(model_dir, read_only=True)
+    step, params = checkpoints.restore_params(manager, abstract)
+    return model, step, params
+
+
+def show_ids(vocabulary: seqio.Vocabulary, ids: np.ndarray) -> str:
+    """Decodes ids up to EOS, rendering sentinels as <extra_id_N>."""
+    ids = [int(i) for i in ids]
+    if vocabulary.eos_id in ids:
+        ids = ids[:ids.index(vocabulary.eos_id)]
+    pieces, run = [], []
+    for token in ids + [None]:
+        is_sentinel = token is not None and token >= vocabulary.vocab_size - vocabulary.extra_ids
+        if token is None or is_sentinel:
+            if run:
+                pieces.append(vocabulary.decode(run))
+                run = []
+            if is_sentinel:
+                pieces.append(f"<extra_id_{vocabulary.vocab_size - 1 - token}>")
+        elif token > 0:
+            run.append(token)
+    return "".join(pieces)
+
+
+def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh,
+               count: int) -> list[tuple[str, str, str]]:
+    """(masked input, model fill, true fill) for the first `count` validation examples."""
+    vocabulary = tasks.get_task_or_mixture(
+        data.mixture_or_task_name).output_features["targets"].vocabulary
+    local = next(data.batches("validation", shuffle=False, seed=0, repeat=False, pack=False))
+    batch = partitioning.global_batch(local, mesh)
+    decode_length = data.task_feature_lengths["targets"]
+    predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=decode_length,
+                                                       eos_id=vocabulary.eos_id))
+    tokens, _ = trainer_lib.in_mesh(predict, mesh)(params, {
+        "encoder_input_tokens": batch["encoder_input_tokens"]})
+    tokens = np.asarray(jax.device_get(tokens))
+    rows = range(min(count, len(local["encoder_input_tokens"])))
+    return [(show_ids(vocabulary, local["encoder_input_tokens"][i]),
+             show_ids(vocabulary, tokens[i]),
+             show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
+
+
+def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
+        model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
+        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> dict[str, float]:
+    train.check_vocabulary(model_config, data)
+    mesh = partitioning.create_mesh(mesh_config)
+    model, step, params = restore_model(model_config, model_dir, mesh)
+    eval_step = trainer_lib.compile_eval_step(model, mesh, trainer_lib.param_shardings(model,
+                                                                                       mesh))
+    scores = train.evaluate(eval_step, params, data, mesh, eval_steps)
+    print(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
+          f"token accuracy {scores['accuracy']:.4f}  "
+          f"({scores['target_tokens']:,.0f} target tokens)", flush=True)
+    metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
+    for index, (masked, predicted, truth) in enumerate(
+            infillings(model, params, data, mesh, num_infillings)):
+        print(f"\n--- infilling {index + 1} ---\ninput (spans masked):\n{masked}\n"
+              f"model fill: {predicted}\ntrue fill:  {truth}", flush=True)
+    return scores
+
+
+if __name__ == "__main__":
+    launch.main("t5x_lite.eval.run", description=__doc__)

@@ -1,0 +1,79 @@
+"""What every entry point shares: T5X-style flags (--gin_file, --gin.NAME=VALUE,
+--gin_bindings), gin parsing with the repository's gin/ folder on the search path, and the
+rule that bad input ends the program with one line naming the fix and a non-zero status."""
+import argparse
+import importlib
+import os
+import sys
+import gin
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
+    """Reads --gin_file (repeatable), --gin_bindings (repeatable) and --gin.NAME=VALUE."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin file to parse (repeatable; later files override earlier)")
+    parser.add_argument("--gin_bindings", action="append", default=[],
+                        help="a gin binding such as \"TRAIN_STEPS = 100\" (repeatable)")
+    args, rest = parser.parse_known_args(argv)
+    for arg in rest:
+        if not arg.startswith("--gin.") or "=" not in arg:
+            raise UsageError(f"unknown flag {arg!r}: use --gin_file=FILE, "
+                             "--gin.NAME=VALUE or --gin_bindings='NAME = VALUE'")
+        name, value = arg[len("--gin."):].split("=", 1)
+        args.gin_bindings.append(f"{name} = {value}")
+    if not args.gin_file:
+        raise UsageError("no --gin_file given: pass e.g. --gin_file=gin/quickstart.gin")
+    return args
+
+
+def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
+    gin.clear_config()
+    for path in (os.getcwd(), GIN_DIR, os.path.dirname(GIN_DIR)):
+        gin.add_config_file_search_path(path)
+    for path in gin_files:
+        if not (os.path.exists(path) or os.path.exists(os.path.join(GIN_DIR, path))
+                or os.path.exists(os.path.join(os.path.dirname(GIN_DIR), path))):
+            raise UsageError(f"gin file {path!r} does not exist: pass a path relative to the "
+                             f"current directory or to {GIN_DIR}")
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, AttributeError) as error:
+        raise UsageError(f"bad gin configuration: {first_line(error)}") from error
+
+
+# Gin reports a missing required binding as a RuntimeError; configs raise ValueError.
+BAD_INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, PermissionError, RuntimeError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def main(run_name: str, description: str, argv: list[str] | None = None) -> None:
+    """Parses flags and gin, then calls the function `run_name` ("module.function") with the
+    arguments gin binds to it. Naming it by module path means the gin files' `import
+    t5x_lite.train` and `python -m t5x_lite.train` configure the same function object.
+
+    Bad input (flags, gin, configuration values, missing files) ends the program with one
+    line and exit status 2; T5X_LITE_DEBUG=1 re-raises to show the traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_flags(argv, description)
+        parse_gin(args.gin_file, args.gin_bindings)
+        module_name, function_name = run_name.rsplit(".", 1)
+        run = getattr(importlib.import_module(module_name), function_name)
+        gin.get_configurable(run)()
+    except BAD_INPUT_ERRORS as error:
+        if os.environ.get("T5X_LITE_DEBUG"):
+            raise
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        sys.exit(2)

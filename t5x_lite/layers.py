@@ -1,0 +1,215 @@
+"""Transformer building blocks of T5: embeddings, RMSNorm, attention with relative position
+bias and packing masks, and MLPs. Every parameter and key activation carries logical axis
+names; this module knows nothing of meshes, losses or training.
+
+Dimension letters: B batch, L encoder length, T decoder length, S attended length (L or T),
+D model, H heads, K head dim, F mlp, V vocab, R relative-position buckets.
+"""
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A bias this negative zeroes a softmax entry in float32 without overflowing in bfloat16.
+MASKED_LOGIT = -1e10
+
+
+def partitioned(init: Callable, logical_axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(init, logical_axes)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, logical_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """The fields a Transformer layer uses; models.T5Config holds and validates them."""
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    d_ff: int
+    activation: Callable[[jax.Array], jax.Array]
+    gated_mlp: bool
+    dropout_rate: float
+    dtype: jnp.dtype
+    layer_norm_epsilon: float = 1e-6
+
+
+def relative_position_bucket(relative_position: np.ndarray | jax.Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+    """Maps (key position - query position) to a bucket id in [0, num_buckets).
+
+    Half the buckets (per direction, when bidirectional) hold exact small distances; the rest
+    cover distances up to `max_distance` on a log scale (Raffel et al. 2020, section 2.1).
+    """
+    relative_position = jnp.asarray(relative_position)
+    bucket = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = jnp.where(relative_position > 0, num_buckets, 0)
+        distance = jnp.abs(relative_position)
+    else:
+        distance = jnp.maximum(-relative_position, 0)
+    max_exact = num_buckets // 2
+    # Clamp before the log so distance 0 never reaches it; those entries take the exact branch.
+    log_ratio = jnp.log(jnp.maximum(distance, max_exact).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / np.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned scalar bias per (bucket, head), shared by all layers of one stack."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_length: int, key_length: int) -> jax.Array:
+        """Returns the bias [1, H, T, S]."""
+        relative_position = (np.arange(key_length)[None, :] - np.arange(query_length)[:, None])
+        buckets_TS = relative_position_bucket(relative_position, self.bidirectional,
+                                              self.num_buckets, self.max_distance)
+        table_RH = self.param(
+            "rel_embedding",
+            partitioned(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                        ("relpos_buckets", "heads")),
+            (self.num_buckets, self.num_heads), jnp.float32)
+        bias_TSH = jnp.take(table_RH.astype(self.dtype), buckets_TS, axis=0)
+        return jnp.transpose(bias_TSH, (2, 0, 1))[None]
+
+
+def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
+                   causal: bool) -> jax.Array:
+    """Boolean [B, 1, T, S]: a query attends to non-padding keys of its own packed segment.
+
+    Segment id 0 marks padding; causal masking uses positions within the packed row, which
+    within one segment orders tokens exactly as the unpacked example would.
+    """
+    same_segment = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    mask = same_segment & (key_segment_ids[:, None, :] > 0) & (query_segment_ids[:, :, None] > 0)
+    if causal:
+        query_length, key_length = query_segment_ids.shape[1], key_segment_ids.shape[1]
+        mask &= jnp.tril(jnp.ones((query_length, key_length), dtype=bool))[None]
+    return mask[:, None]
+
+
+def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return jnp.where(mask, 0.0, MASKED_LOGIT).astype(dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: no 1/sqrt(K) logit scaling (it is folded into the query initialiser)."""
+
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, inputs_q_BTD: jax.Array, inputs_kv_BSD: jax.Array, bias_BHTS: jax.Array,
+                 deterministic: bool) -> jax.Array:
+        cfg = self.config
+
+        def projection(name: str, stddev_scale: float) -> nn.DenseGeneral:
+            init = nn.initializers.variance_scaling(stddev_scale, "fan_in", "normal")
+            return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, name=name,
+                                   dtype=cfg.dtype,
+                                   kernel_init=partitioned(init, ("embed", "heads", "kv")))
+
+        query_BTHK = projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD)
+        key_BSHK = projection("key", 1.0)(inputs_kv_BSD)
+        value_BSHK = projection("value", 1.0)(inputs_kv_BSD)
+        query_BTHK = constrain(query_BTHK, ("batch", "length", "heads", "kv"))
+        key_BSHK = constrain(key_BSHK, ("batch", "length", "heads", "kv"))
+        value_BSHK = constrain(value_BSHK, ("batch", "length", "heads", "kv"))
+
+        logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
+        # Softmax in float32: bfloat16 loses the small probabilities that long contexts need.
+        logits_BHTS = logits_BHTS.astype(jnp.float32) + bias_BHTS.astype(jnp.float32)
+        weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(cfg.dtype)
+        weights_BHTS = nn.Dropout(cfg.dropout_rate)(weights_BHTS, deterministic=deterministic)
+        context_BTHK = jnp.einsum("BHTS,BSHK->BTHK", weights_BHTS, value_BSHK)
+
+        # DenseGeneral initialises a flattened [H*K, D] kernel, so fan_in is H*K.
+        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        output_BTD = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=False, name="out", dtype=cfg.dtype,
+            kernel_init=partitioned(out_init, ("heads", "kv", "embed")))(context_BTHK)
+        return constrain(output_BTD, ("batch", "length", "embed"))
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: gated (T5 v1.1, act(x W0) * (x W1)) or plain (T5 v1.0, act(x W))."""
+
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, inputs_BTD: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+        def dense(features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, name=name, dtype=cfg.dtype,
+                            kernel_init=partitioned(init, axes))
+
+        if cfg.gated_mlp:
+            hidden_BTF = (cfg.activation(dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(inputs_BTD))
+                          * dense(cfg.d_ff, "wi_1", ("embed", "mlp"))(inputs_BTD))
+        else:
+            hidden_BTF = cfg.activation(dense(cfg.d_ff, "wi", ("embed", "mlp"))(inputs_BTD))
+        hidden_BTF = constrain(hidden_BTF, ("batch", "length", "mlp"))
+        hidden_BTF = nn.Dropout(cfg.dropout_rate)(hidden_BTF, deterministic=deterministic)
+        output_BTD = dense(cfg.d_model, "wo", ("mlp", "embed"))(hidden_BTF)
+        return constrain(output_BTD, ("batch", "length", "embed"))
+
+
+def rms_norm(config: LayerConfig, name: str | None = None) -> nn.RMSNorm:
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+    return nn.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=config.dtype,
+                      param_dtype=jnp.float32, name=name,
+                      scale_init=partitioned(nn.initializers.ones, ("embed",)))
+
+
+class EncoderLayer(nn.Module):
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        normed_BLD = rms_norm(cfg, "pre_attention_norm")(x_BLD)
+        x_BLD = x_BLD + dropout(
+            MultiHeadAttention(cfg, name="attention")(normed_BLD, normed_BLD, bias_BHLL,
+                                                      deterministic), deterministic)
+        normed_BLD = rms_norm(cfg, "pre_mlp_norm")(x_BLD)
+        x_BLD = x_BLD + dropout(Mlp(cfg, name="mlp")(normed_BLD, deterministic), deterministic)
+        return constrain(x_BLD, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, y_BTD: jax.Array, encoded_BLD: jax.Array, self_bias_BHTT: jax.Array,
+                 cross_bias_BHTL: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        normed_BTD = rms_norm(cfg, "pre_self_attention_norm")(y_BTD)
+        y_BTD = y_BTD + dropout(
+            MultiHeadAttention(cfg, name="self_attention")(normed_BTD, normed_BTD,
+                                                           self_bias_BHTT, deterministic),
+            deterministic)
+        normed_BTD = rms_norm(cfg, "pre_cross_attention_norm")(y_BTD)
+        y_BTD = y_BTD + dropout(
+            MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+                normed_BTD, encoded_BLD, cross_bias_BHTL, deterministic), deterministic)
+        normed_BTD = rms_norm(cfg, "pre_mlp_norm")(y_BTD)
+        y_BTD = y_BTD + dropout(Mlp(cfg, name="mlp")(normed_BTD, deterministic), deterministic)
+        return constrain(y_BTD, ("batch", "length", "embed"))

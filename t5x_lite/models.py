@@ -1,0 +1,254 @@
+"""The T5 encoder-decoder: configuration, Flax modules, and the model object that training,
+evaluation and decoding use (loss, logits, predict_batch). Knows nothing of meshes or gin.
+
+Batches are dicts of int32 arrays: encoder_input_tokens / encoder_segment_ids [B, L] and
+decoder_input_tokens / decoder_target_tokens / decoder_loss_weights / decoder_segment_ids [B, T].
+Segment id 0 marks padding; packed rows hold several examples with ids 1, 2, ...
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from t5x_lite import decoding
+from t5x_lite import layers
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Architecture of a T5 encoder-decoder. Defaults are T5 v1.1 small."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 6
+    head_dim: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.gelu
+    gated_mlp: bool = True
+    tie_embeddings: bool = False
+    dropout_rate: float = 0.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dtype: Any = jnp.float32
+    z_loss: float = 1e-4
+
+    def __post_init__(self):
+        positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+                    "num_encoder_layers", "num_decoder_layers",
+                    "relative_attention_num_buckets", "relative_attention_max_distance")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"T5Config.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.z_loss < 0:
+            raise ValueError(f"T5Config.z_loss must be >= 0, got {self.z_loss}")
+        if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"T5Config.dtype must be float32 or bfloat16, got {self.dtype}")
+
+    def layer_config(self) -> layers.LayerConfig:
+        return layers.LayerConfig(
+            d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
+            d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
+            dropout_rate=self.dropout_rate, dtype=self.dtype)
+
+
+class Transformer(nn.Module):
+    """Encoder and decoder stacks sharing one token embedding."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg, layer_cfg = self.config, self.config.layer_config()
+        self.token_embedder = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+            embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
+
+        def relative_bias(bidirectional: bool, name: str) -> layers.RelativePositionBias:
+            return layers.RelativePositionBias(
+                cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                cfg.num_heads, bidirectional, cfg.dtype, name=name)
+
+        self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
+        self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
+        self.encoder_layers = [layers.EncoderLayer(layer_cfg, name=f"encoder_layer_{i}")
+                               for i in range(cfg.num_encoder_layers)]
+        self.decoder_layers = [layers.DecoderLayer(layer_cfg, name=f"decoder_layer_{i}")
+                               for i in range(cfg.num_decoder_layers)]
+        self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
+        self.decoder_norm = layers.rms_norm(layer_cfg, "decoder_norm")
+        self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        if not cfg.tie_embeddings:
+            self.logits_dense = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="logits_dense",
+                kernel_init=layers.partitioned(
+                    nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                    ("embed", "vocab")))
+
+    def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+        """Returns the encoded inputs [B, L, D]."""
+        x_BLD = self.dropout(self.token_embedder(encoder_input_tokens), deterministic)
+        length = encoder_input_tokens.shape[1]
+        bias_BHLL = (self.encoder_relative_bias(length, length)
+                     + layers.mask_to_bias(layers.attention_mask(
+                         encoder_segment_ids, encoder_segment_ids, causal=False),
+                         self.config.dtype))
+        for layer in self.encoder_layers:
+            x_BLD = layer(x_BLD, bias_BHLL, deterministic)
+        return self.dropout(self.encoder_norm(x_BLD), deterministic)
+
+    def decode(self, encoded_BLD: jax.Array, encoder_segment_ids: jax.Array,
+               decoder_input_tokens: jax.Array, decoder_segment_ids: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+        """Returns float32 logits [B, T, V] for every decoder position."""
+        cfg = self.config
+        y_BTD = self.dropout(self.token_embedder(decoder_input_tokens), deterministic)
+        length = decoder_input_tokens.shape[1]
+        self_bias_BHTT = (self.decoder_relative_bias(length, length)
+                          + layers.mask_to_bias(layers.attention_mask(
+                              decoder_segment_ids, decoder_segment_ids, causal=True), cfg.dtype))
+        cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
+            decoder_segment_ids, encoder_segment_ids, causal=False), cfg.dtype)
+        for layer in self.decoder_layers:
+            y_BTD = layer(y_BTD, encoded_BLD, self_bias_BHTT, cross_bias_BHTL, deterministic)
+        y_BTD = self.dropout(self.decoder_norm(y_BTD), deterministic)
+        if cfg.tie_embeddings:
+            # T5 v1.0 rescales before the tied projection (Mesh TensorFlow's convention).
+            logits_BTV = self.token_embedder.attend(y_BTD * cfg.d_model ** -0.5)
+        else:
+            logits_BTV = self.logits_dense(y_BTD)
+        return layers.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(self, batch: Batch, deterministic: bool = True) -> jax.Array:
+        encoded_BLD = self.encode(batch["encoder_input_tokens"], batch["encoder_segment_ids"],
+                                  deterministic)
+        return self.decode(encoded_BLD, batch["encoder_segment_ids"],
+                           batch["decoder_input_tokens"], batch["decoder_segment_ids"],
+                           deterministic)
+
+
+def segment_ids_of(tokens: jax.Array) -> jax.Array:
+    """Segment ids for an unpacked batch: 1 on real tokens, 0 on padding."""
+    return (tokens > 0).astype(jnp.int32)
+
+
+def with_segment_ids(batch: Batch) -> Batch:
+    """Fills in segment ids for callers that pass unpacked token arrays only."""
+    batch = dict(batch)
+    batch.setdefault("encoder_segment_ids", segment_ids_of(batch["encoder_input_tokens"]))
+    if "decoder_segment_ids" not in batch and "decoder_input_tokens" in batch:
+        if "decoder_target_tokens" in batch:
+            batch["decoder_segment_ids"] = segment_ids_of(batch["decoder_target_tokens"])
+        else:
+            # Decoder inputs begin with the start token 0, so zeros cannot mark padding; as
+            # the decoder is causal, trailing padding cannot affect earlier positions anyway.
+            batch["decoder_segment_ids"] = jnp.ones_like(batch["decoder_input_tokens"])
+    return batch
+
+
+def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
+                       z_loss: float) -> dict[str, jax.Array]:
+    """Summed (not averaged) loss terms over weighted target tokens, in float32.
+
+    z_loss adds z_loss * log(Z)^2 per token (Chowdhery et al. 2022) to keep logits from
+    drifting; it is part of `loss` and reported alone as `z_loss`.
+    """
+    log_normalizer_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    cross_entropy_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    z_loss_BT = z_loss * jnp.square(log_normalizer_BT)
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    weights_BT = weights_BT.astype(jnp.float32)
+    return {
+        "loss": jnp.sum((cross_entropy_BT + z_loss_BT) * weights_BT),
+        "z_loss": jnp.sum(z_loss_BT * weights_BT),
+        "correct": jnp.sum(correct_BT * weights_BT),
+        "weight": jnp.sum(weights_BT),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderModel:
+    """A T5 model: pure functions of (params, batch) built around the Flax module."""
+
+    config: T5Config
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.config)
+
+    def _boxed_init(self, rng: jax.Array) -> Params:
+        """Parameters wrapped in Flax's logical-axis boxes; shapes do not depend on lengths."""
+        tokens = jnp.ones((1, 1), jnp.int32)
+        batch = {"encoder_input_tokens": tokens, "encoder_segment_ids": tokens,
+                 "decoder_input_tokens": tokens, "decoder_segment_ids": tokens}
+        return self.module.init(rng, batch)["params"]
+
+    def init(self, rng: jax.Array) -> Params:
+        return nn.unbox(self._boxed_init(rng))
+
+    def logical_axes(self) -> Params:
+        """A PartitionSpec of logical axis names for every parameter, computed abstractly."""
+        boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
+        return nn.get_partition_spec(boxed)
+
+    def logits(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
+               ) -> jax.Array:
+        """Float32 logits [B, T, V]; dropout is applied only when dropout_rng is given."""
+        rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+        return self.module.apply({"params": params}, with_segment_ids(batch),
+                                 deterministic=dropout_rng is None, rngs=rngs)
+
+    def loss_sums(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
+                  ) -> dict[str, jax.Array]:
+        logits_BTV = self.logits(params, batch, dropout_rng)
+        return cross_entropy_sums(logits_BTV, batch["decoder_target_tokens"],
+                                  batch["decoder_loss_weights"], self.config.z_loss)
+
+    def loss(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean loss per target token (the sums divided by the number of target tokens)."""
+        sums = self.loss_sums(params, batch, dropout_rng)
+        return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums
+
+    def encode(self, params: Params, batch: Batch) -> jax.Array:
+        batch = with_segment_ids(batch)
+        return self.module.apply({"params": params}, batch["encoder_input_tokens"],
+                                 batch["encoder_segment_ids"], method=Transformer.encode)
+
+    def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 64,
+                      method: str = "greedy", eos_id: int = 1
+                      ) -> tuple[jax.Array, jax.Array]:
+        """Decodes targets for the batch's encoder inputs.
+
+        Returns tokens int32 [B, max_decode_length] (0 after EOS) and scores float32 [B],
+        the summed log-probability of each decoded sequence up to and including EOS.
+        """
+        if method not in decoding.METHODS:
+            raise ValueError(f"predict_batch method must be one of {decoding.METHODS}, "
+                             f"got {method!r}")
+        batch = with_segment_ids(batch)
+        encoded_BLD = self.encode(params, batch)
+        encoder_segment_ids = batch["encoder_segment_ids"]
+
+        def logits_fn(decoder_input_tokens: jax.Array) -> jax.Array:
+            segment_ids = jnp.ones_like(decoder_input_tokens)
+            return self.module.apply({"params": params}, encoded_BLD, encoder_segment_ids,
+                                     decoder_input_tokens, segment_ids,
+                                     method=Transformer.decode)
+
+        batch_size = encoded_BLD.shape[0]
+        return decoding.greedy_decode(logits_fn, batch_size, max_decode_length, eos_id)
+
+
+def count_parameters(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

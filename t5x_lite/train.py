@@ -1,0 +1,234 @@
+"""Pretraining entry point: python -m t5x_lite.train --gin_file=gin/quickstart.gin
+--gin.MODEL_DIR="'/tmp/run'" [--gin.TRAIN_STEPS=1000 ...]. Rerunning the same command resumes
+from the newest checkpoint in MODEL_DIR; a finished run says so and exits 0."""
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable, Iterator
+
+import gin
+import jax
+import numpy as np
+import optax
+
+from t5x_lite import checkpoints
+from t5x_lite import launch
+from t5x_lite import metrics_io
+from t5x_lite import models
+from t5x_lite import optimizers
+from t5x_lite import partitioning
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import pipeline
+from t5x_lite.data import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which seqio task or mixture feeds the model, at which lengths and global batch size."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: dict
+    batch_size: int
+    pack: bool = True
+
+    def __post_init__(self):
+        for key in ("inputs", "targets"):
+            if self.task_feature_lengths.get(key, 0) < 2:
+                raise ValueError(f"TASK_FEATURE_LENGTHS needs '{key}' >= 2, got "
+                                 f"{dict(self.task_feature_lengths)}")
+        if self.batch_size < 1:
+            raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
+
+    def host_batch_size(self) -> int:
+        if self.batch_size % jax.process_count():
+            raise ValueError(f"BATCH_SIZE {self.batch_size} must divide evenly over "
+                             f"{jax.process_count()} processes")
+        return self.batch_size // jax.process_count()
+
+    def batches(self, split: str, *, shuffle: bool, seed: int | None, repeat: bool,
+                pack: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """This host's share of each global batch."""
+        return pipeline.get_batches(
+            self.mixture_or_task_name, split, dict(self.task_feature_lengths),
+            self.host_batch_size(), shuffle=shuffle, seed=seed, repeat=repeat,
+            pack=self.pack if pack is None else pack,
+            shard_index=jax.process_index(), num_shards=jax.process_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Length of the run and how often it logs, evaluates and checkpoints (in steps)."""
+
+    model_dir: str
+    train_steps: int
+    checkpoint_period: int = 1000
+    keep_checkpoints: int = 3
+    eval_period: int = 1000
+    eval_steps: int | None = None  # None: the whole validation split.
+    log_period: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("train_steps", "checkpoint_period", "eval_period", "log_period",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1 or None, got {self.eval_steps}")
+
+
+def prepare_model_dir(model_dir: str) -> str:
+    """Creates MODEL_DIR and proves it writable before any work starts."""
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise launch.UsageError(f"MODEL_DIR {model_dir!r} cannot be written ({error.strerror}):"
+                                " pass --gin.MODEL_DIR=\"'/a/writable/dir'\"") from error
+    return model_dir
+
+
+def check_vocabulary(model_config: models.T5Config, data: DataConfig) -> None:
+    task = tasks.get_task_or_mixture(data.mixture_or_task_name)
+    vocab_size = task.output_features["targets"].vocabulary.vocab_size
+    if model_config.vocab_size < vocab_size:
+        raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the "
+                         f"task vocabulary ({vocab_size}): set T5Config.vocab_size >= "
+                         f"{vocab_size}")
+
+
+def evaluate(eval_step: Callable, params, data: DataConfig, mesh, eval_steps: int | None
+             ) -> dict[str, float]:
+    """Token-weighted loss and accuracy over the validation split (or its first batches)."""
+    sums = []
+    for index, local in enumerate(data.batches("validation", shuffle=False, seed=0,
+                                               repeat=False)):
+        if eval_steps is not None and index >= eval_steps:
+            break
+        sums.append(eval_step(params, partitioning.global_batch(local, mesh)))
+    if not sums:
+        raise ValueError(f"task {data.mixture_or_task_name!r} has an empty validation split")
+    return trainer_lib.summarize_eval(jax.device_get(sums))
+
+
+def build_trainer(model_config: models.T5Config, learning_rate: optax.Schedule,
+                  optimizer: Callable[..., optax.GradientTransformation],
+                  mesh_config: partitioning.MeshConfig, seed: int) -> trainer_lib.Trainer:
+    mesh = partitioning.create_mesh(mesh_config)
+    return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
+                               optimizer(learning_rate=learning_rate), learning_rate, mesh,
+                               dropout_seed=seed)
+
+
+def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int
+                    ) -> trainer_lib.TrainState:
+    state = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
+    if state is None:
+        return trainer.init_state(seed)
+    print(f"Resuming from checkpoint at step {int(state.step)}.", flush=True)
+    return state
+
+
+class Progress:
+    """A tqdm bar when stdout is a terminal; plain lines otherwise."""
+
+    def __init__(self, start: int, total: int):
+        self._bar = None
+        if sys.stdout.isatty():
+            import tqdm
+            self._bar = tqdm.tqdm(initial=start, total=total, unit="step", dynamic_ncols=True)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQUIRED,
+        loop: LoopConfig = gin.REQUIRED,
+        learning_rate: optax.Schedule = optimizers.rsqrt_schedule(),
+        optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
+        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> None:
+    """Trains until loop.train_steps, evaluating and checkpointing on the way."""
+    model_dir = prepare_model_dir(loop.model_dir)
+    check_vocabulary(model_config, data)
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
+    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed)
+    print(metrics_io.parameter_table(trainer.abstract_state().params), flush=True)
+    manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
+    state = restore_or_init(trainer, manager, loop.seed)
+    start_step = int(state.step)
+    if start_step >= loop.train_steps:
+        print(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
+              f"{loop.train_steps} in {model_dir}.", flush=True)
+        return
+    train_loop(trainer, state, manager, data, loop, model_dir)
+
+
+def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, manager,
+               data: DataConfig, loop: LoopConfig, model_dir: str) -> None:
+    writer = metrics_io.MetricsWriter(model_dir)
+    train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
+    start_step = int(state.step)
+    # Seeding by the start step gives a resumed run fresh examples instead of a replay.
+    batches = data.batches("train", shuffle=True, seed=loop.seed + start_step, repeat=True)
+    lengths = data.task_feature_lengths
+    tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
+    progress = Progress(start_step, loop.train_steps)
+    pending, period_start, timed_from = [], time.perf_counter(), None
+    for step in range(start_step + 1, loop.train_steps + 1):
+        state, metrics = train_step(state, partitioning.global_batch(next(batches),
+                                                                     trainer.mesh))
+        pending.append(metrics)
+        progress.advance()
+        if step == start_step + 1:
+            jax.block_until_ready(state.step)  # Exclude compilation from throughput.
+            period_start = timed_from = time.perf_counter()
+            pending = []
+        if step % loop.log_period == 0 and pending:
+            now = time.perf_counter()
+            row = average_metrics(jax.device_get(pending))
+            if not np.isfinite(row["loss"]):
+                raise ValueError(f"loss became {row['loss']} by step {step}: lower the learning "
+                                 "rate or resume from an earlier checkpoint")
+            row["tokens_per_second"] = tokens_per_step * len(pending) / (now - period_start)
+            seconds_per_step = (now - timed_from) / max(step - start_step - 1, 1)
+            writer.write(step, row, "train")
+            progress.print(metrics_io.format_train_line(
+                step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
+            pending, period_start = [], now
+        if step % loop.eval_period == 0 or step == loop.train_steps:
+            scores = evaluate(eval_step, state.params, data, trainer.mesh, loop.eval_steps)
+            writer.write(step, scores, "validation")
+            progress.print(f"step {step:>6d}  validation loss {scores['loss']:.4f}  "
+                           f"accuracy {scores['accuracy']:.4f}")
+        if step % loop.checkpoint_period == 0 or step == loop.train_steps:
+            checkpoints.save(manager, state)
+    progress.close()
+    manager.wait_until_finished()
+    print(f"Finished at step {loop.train_steps}; checkpoints in "
+          f"{checkpoints.checkpoint_dir(model_dir)}", flush=True)
+
+
+def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    return {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}
+
+
+if __name__ == "__main__":
+    launch.main("t5x_lite.train.run", description=__doc__)

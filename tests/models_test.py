@@ -1,0 +1,115 @@
+"""Whole-model properties: packing isolation, causality, packed == alone, loss and decoding
+against references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import models
+
+CONFIG = models.T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
+                         num_encoder_layers=2, num_decoder_layers=2,
+                         relative_attention_num_buckets=8, relative_attention_max_distance=16)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = models.EncoderDecoderModel(CONFIG)
+    return model, model.init(jax.random.key(0))
+
+
+def packed_batch():
+    """Two examples packed into one row of each stack, then padding."""
+    enc_tokens = np.array([[5, 6, 7, 1, 9, 10, 11, 12, 1, 0]], np.int32)
+    enc_segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]], np.int32)
+    targets = np.array([[20, 21, 1, 30, 31, 32, 1, 0]], np.int32)
+    dec_segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0]], np.int32)
+    dec_inputs = np.array([[0, 20, 21, 0, 30, 31, 32, 0]], np.int32)
+    return {"encoder_input_tokens": enc_tokens, "encoder_segment_ids": enc_segments,
+            "decoder_input_tokens": dec_inputs, "decoder_target_tokens": targets,
+            "decoder_segment_ids": dec_segments,
+            "decoder_loss_weights": (targets > 0).astype(np.int32)}
+
+
+def logits(model, params, batch):
+    return np.asarray(model.logits(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+
+
+def test_perturbing_one_segment_leaves_the_other_unchanged(model_and_params):
+    model, params = model_and_params
+    batch = packed_batch()
+    base = logits(model, params, batch)
+    changed = dict(batch)
+    changed["encoder_input_tokens"] = batch["encoder_input_tokens"].copy()
+    changed["encoder_input_tokens"][0, 4:8] = [40, 41, 42, 43]   # segment 2's inputs
+    changed["decoder_input_tokens"] = batch["decoder_input_tokens"].copy()
+    changed["decoder_input_tokens"][0, 4:7] = [50, 51, 52]       # segment 2's decoder inputs
+    after = logits(model, params, changed)
+    np.testing.assert_allclose(after[0, :3], base[0, :3], rtol=1e-6, atol=1e-6)
+    assert np.abs(after[0, 3:7] - base[0, 3:7]).max() > 1e-3
+
+
+def test_packed_example_equals_the_example_alone(model_and_params):
+    model, params = model_and_params
+    batch = packed_batch()
+    packed = logits(model, params, batch)
+    alone = {"encoder_input_tokens": np.array([[9, 10, 11, 12, 1]], np.int32),
+             "decoder_input_tokens": np.array([[0, 30, 31, 32]], np.int32),
+             "decoder_target_tokens": np.array([[30, 31, 32, 1]], np.int32)}
+    np.testing.assert_allclose(logits(model, params, alone)[0], packed[0, 3:7],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_is_causal(model_and_params):
+    model, params = model_and_params
+    batch = packed_batch()
+    base = logits(model, params, batch)
+    for position in (1, 5):
+        changed = dict(batch)
+        changed["decoder_input_tokens"] = batch["decoder_input_tokens"].copy()
+        changed["decoder_input_tokens"][0, position] = 60
+        after = logits(model, params, changed)
+        np.testing.assert_allclose(after[0, :position], base[0, :position], rtol=1e-6,
+                                   atol=1e-6)
+        assert np.abs(after[0, position] - base[0, position]).max() > 1e-3
+
+
+def test_loss_matches_numpy_float64(model_and_params):
+    model, params = model_and_params
+    batch = packed_batch()
+    z_logits = logits(model, params, batch).astype(np.float64)[0]
+    targets, weights = batch["decoder_target_tokens"][0], batch["decoder_loss_weights"][0]
+    log_z = np.log(np.exp(z_logits).sum(-1))
+    token_loss = log_z - z_logits[np.arange(len(targets)), targets] + CONFIG.z_loss * log_z ** 2
+    want = (token_loss * weights).sum() / weights.sum()
+    loss, sums = model.loss(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    correct = (z_logits.argmax(-1) == targets) * weights
+    assert float(sums["correct"]) == correct.sum() and float(sums["weight"]) == weights.sum()
+
+
+def test_greedy_decode_emits_the_argmax_of_its_own_prefix(model_and_params):
+    model, params = model_and_params
+    inputs = {"encoder_input_tokens": jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])}
+    tokens, scores = model.predict_batch(params, inputs, max_decode_length=6, eos_id=1)
+    tokens = np.asarray(tokens)
+    teacher = {**inputs, "decoder_input_tokens": jnp.pad(jnp.asarray(tokens), ((0, 0), (1, 0)))[:, :-1]}
+    step_logits = logits(model, params, teacher).astype(np.float64)
+    log_probs = step_logits - np.log(np.exp(step_logits).sum(-1, keepdims=True))
+    for row in range(2):
+        for t in range(6):
+            if t and tokens[row, t - 1] in (0, 1) and (tokens[row, :t] == 1).any():
+                assert tokens[row, t] == 0  # Nothing after EOS.
+            else:
+                assert tokens[row, t] == log_probs[row, t].argmax()
+        ended = np.flatnonzero(tokens[row] == 1)
+        length = ended[0] + 1 if len(ended) else 6
+        want = log_probs[row, np.arange(length), tokens[row, :length]].sum()
+        np.testing.assert_allclose(float(scores[row]), want, rtol=1e-4)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="dropout_rate"):
+        models.T5Config(dropout_rate=1.5)
+    with pytest.raises(ValueError, match="num_heads"):
+        models.T5Config(num_heads=0)
