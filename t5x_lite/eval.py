@@ -89,8 +89,9 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
     for index, (masked, predicted, truth) in enumerate(
             infillings(model, params, data, mesh, num_infillings)):
+        # Fills are short: show them on one line each, newlines escaped, to compare by eye.
         print(f"\n--- infilling {index + 1} ---\ninput (spans masked):\n{masked}\n"
-              f"model fill: {predicted}\ntrue fill:  {truth}", flush=True)
+              f"model fill: {predicted!r}\ntrue fill:  {truth!r}", flush=True)
     return scores
 
 

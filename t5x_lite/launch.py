@@ -3,6 +3,7 @@
 rule that bad input ends the program with one line naming the fix and a non-zero status."""
 import argparse
 import importlib
+import logging
 import os
 import sys
 import gin
@@ -33,8 +34,19 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
     return args
 
 
+# Command-line bindings are parsed apart from the files, so they get their own imports: this
+# lets --gin.MIXTURE_OR_TASK_NAME=@tasks.register_stdlib_task() name project functions.
+BINDINGS_PREAMBLE = """from __gin__ import dynamic_registration
+from t5x_lite import models
+from t5x_lite import optimizers
+from t5x_lite import partitioning
+from t5x_lite.data import tasks
+from t5x_lite.data import vocab"""
+
+
 def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
     gin.clear_config()
+    gin_bindings = [BINDINGS_PREAMBLE, *gin_bindings]
     for path in (os.getcwd(), GIN_DIR, os.path.dirname(GIN_DIR)):
         gin.add_config_file_search_path(path)
     for path in gin_files:
@@ -42,10 +54,14 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
                 or os.path.exists(os.path.join(os.path.dirname(GIN_DIR), path))):
             raise UsageError(f"gin file {path!r} does not exist: pass a path relative to the "
                              f"current directory or to {GIN_DIR}")
+    # gin's package-resource reader logs an ERROR for every search path that lacks the file.
+    logging.disable(logging.ERROR)
     try:
         gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
     except (ValueError, KeyError, SyntaxError, ImportError, TypeError, AttributeError) as error:
         raise UsageError(f"bad gin configuration: {first_line(error)}") from error
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 # Gin reports a missing required binding as a RuntimeError; configs raise ValueError.

@@ -117,11 +117,12 @@ class MultiHeadAttention(nn.Module):
                  deterministic: bool) -> jax.Array:
         cfg = self.config
 
-        def projection(name: str, stddev_scale: float) -> nn.DenseGeneral:
-            init = nn.initializers.variance_scaling(stddev_scale, "fan_in", "normal")
-            return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), use_bias=False, name=name,
-                                   dtype=cfg.dtype,
-                                   kernel_init=partitioned(init, ("embed", "heads", "kv")))
+        def projection(name: str, stddev_scale: float) -> nn.Einsum:
+            init = nn.initializers.variance_scaling(stddev_scale, "fan_in", "normal",
+                                                    in_axis=-3, out_axis=(-2, -1))
+            return nn.Einsum((cfg.d_model, cfg.num_heads, cfg.head_dim), "BTD,DHK->BTHK",
+                             use_bias=False, name=name, dtype=cfg.dtype,
+                             kernel_init=partitioned(init, ("embed", "heads", "kv")))
 
         query_BTHK = projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD)
         key_BSHK = projection("key", 1.0)(inputs_kv_BSD)
@@ -137,10 +138,11 @@ class MultiHeadAttention(nn.Module):
         weights_BHTS = nn.Dropout(cfg.dropout_rate)(weights_BHTS, deterministic=deterministic)
         context_BTHK = jnp.einsum("BHTS,BSHK->BTHK", weights_BHTS, value_BSHK)
 
-        # DenseGeneral initialises a flattened [H*K, D] kernel, so fan_in is H*K.
-        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
-        output_BTD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=False, name="out", dtype=cfg.dtype,
+        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                    in_axis=(-3, -2), out_axis=-1)
+        output_BTD = nn.Einsum(
+            (cfg.num_heads, cfg.head_dim, cfg.d_model), "BTHK,HKD->BTD", use_bias=False,
+            name="out", dtype=cfg.dtype,
             kernel_init=partitioned(out_init, ("heads", "kv", "embed")))(context_BTHK)
         return constrain(output_BTD, ("batch", "length", "embed"))
 

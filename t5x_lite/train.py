@@ -202,8 +202,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
             period_start = timed_from = time.perf_counter()
             pending = []
         if step % loop.log_period == 0 and pending:
+            row = average_metrics(jax.device_get(pending))  # Waits for the steps to finish.
             now = time.perf_counter()
-            row = average_metrics(jax.device_get(pending))
             if not np.isfinite(row["loss"]):
                 raise ValueError(f"loss became {row['loss']} by step {step}: lower the learning "
                                  "rate or resume from an earlier checkpoint")

@@ -95,7 +95,7 @@ class Trainer:
             "accuracy": sums["correct"] / weight,
             "target_tokens": sums["weight"],
             "learning_rate": jnp.asarray(self.learning_rate(state.step), jnp.float32),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -117,7 +117,7 @@ class Trainer:
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
     """Enters the mesh and the logical axis rules that activation constraints read."""
-    with mesh, nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
         yield
 
 
