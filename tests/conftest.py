@@ -6,3 +6,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_sentencepiece_vocab(tmp_path_factory):
+    """A 1000-piece (+100 sentinel) SentencePiece vocabulary trained once per session on ~300 KB
+    of the stdlib corpus (about 1 s), in a temporary cache directory."""
+    from t5x_lite.data import vocab
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(vocab.CACHE_ENV_VAR, str(tmp_path_factory.mktemp("sentencepiece")))
+        vocabulary = vocab.sentencepiece_vocabulary(vocab_size=1000, max_training_bytes=300_000)
+    vocabulary.load_model()
+    return vocabulary
+
+
+@pytest.fixture(scope="session")
+def rebuild_from_span_corruption():
+    """Returns rebuild(inputs, targets, vocab_size) -> list[int]: the original tokens, with each
+    sentinel in `inputs` replaced by the tokens that follow the same sentinel in `targets`."""
+
+    def rebuild(inputs, targets, vocab_size: int) -> list[int]:
+        first_sentinel = vocab_size - 100  # DEFAULT_EXTRA_IDS sentinels end the vocabulary.
+        spans, current = {}, None
+        for token in targets:
+            if token >= first_sentinel:
+                current = spans.setdefault(int(token), [])
+            else:
+                current.append(int(token))
+        rebuilt = []
+        for token in inputs:
+            rebuilt.extend(spans[int(token)] if token >= first_sentinel else [int(token)])
+        return rebuilt
+
+    return rebuild

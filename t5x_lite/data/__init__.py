@@ -1,0 +1,1 @@
+"""Input pipeline: corpora, vocabularies, preprocessors, the seqio task registry and batching."""
