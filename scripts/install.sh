@@ -12,7 +12,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 echo "Installing t5x_lite and its pinned dependencies into .venv (about 1 minute)..." >&2
-.venv/bin/python -m pip install -q --upgrade pip >&2
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' >&2
+log=.venv/install.log
+if ! { .venv/bin/python -m pip install --upgrade pip &&
+       .venv/bin/python -m pip install -c constraints.txt -e '.[test]'; } > "$log" 2>&1; then
+  tail -n 30 "$log" >&2
+  echo "error: installing into .venv failed (full log: $log); check network access to the package index" >&2
+  exit 1
+fi
 rm -f .venv/.installed-*
 touch "$stamp"

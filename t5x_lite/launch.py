@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import gin
+import sentencepiece
+from absl import logging as absl_logging
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -73,6 +75,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def quiet_library_logs() -> None:
+    """Keeps the console to our own lines: seqio warns about uncached sources on every
+    shuffled read, and SentencePiece logs each model load."""
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    sentencepiece.set_min_log_level(2)
+
+
 def main(run_name: str, description: str, argv: list[str] | None = None) -> None:
     """Parses flags and gin, then calls the function `run_name` ("module.function") with the
     arguments gin binds to it. Naming it by module path means the gin files' `import
@@ -82,6 +91,7 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     line and exit status 2; T5X_LITE_DEBUG=1 re-raises to show the traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
+    quiet_library_logs()
     try:
         args = parse_flags(argv, description)
         parse_gin(args.gin_file, args.gin_bindings)

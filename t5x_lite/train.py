@@ -190,6 +190,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     batches = data.batches("train", shuffle=True, seed=loop.seed + start_step, repeat=True)
     lengths = data.task_feature_lengths
     tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
+    if start_step == 0:
+        report_eval(writer, eval_step, state, data, trainer.mesh, loop, print)
     progress = Progress(start_step, loop.train_steps)
     pending, period_start, timed_from = [], time.perf_counter(), None
     for step in range(start_step + 1, loop.train_steps + 1):
@@ -214,16 +216,23 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
                 step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
             pending, period_start = [], now
         if step % loop.eval_period == 0 or step == loop.train_steps:
-            scores = evaluate(eval_step, state.params, data, trainer.mesh, loop.eval_steps)
-            writer.write(step, scores, "validation")
-            progress.print(f"step {step:>6d}  validation loss {scores['loss']:.4f}  "
-                           f"accuracy {scores['accuracy']:.4f}")
+            report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
         if step % loop.checkpoint_period == 0 or step == loop.train_steps:
             checkpoints.save(manager, state)
     progress.close()
     manager.wait_until_finished()
     print(f"Finished at step {loop.train_steps}; checkpoints in "
           f"{checkpoints.checkpoint_dir(model_dir)}", flush=True)
+
+
+def report_eval(writer: metrics_io.MetricsWriter, eval_step: Callable,
+                state: trainer_lib.TrainState, data: DataConfig, mesh, loop: LoopConfig,
+                print_line: Callable[[str], None]) -> None:
+    scores = evaluate(eval_step, state.params, data, mesh, loop.eval_steps)
+    step = int(state.step)
+    writer.write(step, scores, "validation")
+    print_line(f"step {step:>6d}  validation loss {scores['loss']:.4f}  "
+               f"accuracy {scores['accuracy']:.4f}")
 
 
 def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
