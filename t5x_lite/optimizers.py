@@ -47,10 +47,3 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
     if max_grad_norm is not None:
         steps.insert(0, optax.clip_by_global_norm(max_grad_norm))
     return optax.chain(*steps)
-
-
-def learning_rate_at(optimizer_learning_rate: optax.ScalarOrSchedule, step) -> jnp.ndarray:
-    """The rate a schedule (or constant) gives at `step`, for logging."""
-    if callable(optimizer_learning_rate):
-        return jnp.asarray(optimizer_learning_rate(step), jnp.float32)
-    return jnp.asarray(optimizer_learning_rate, jnp.float32)

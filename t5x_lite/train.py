@@ -116,10 +116,12 @@ def evaluate(eval_step: Callable, params, data: DataConfig, mesh, eval_steps: in
     return trainer_lib.summarize_eval(jax.device_get(sums))
 
 
-def build_trainer(model_config: models.T5Config, learning_rate: optax.Schedule,
+def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
                   optimizer: Callable[..., optax.GradientTransformation],
                   mesh_config: partitioning.MeshConfig, seed: int) -> trainer_lib.Trainer:
     mesh = partitioning.create_mesh(mesh_config)
+    if not callable(learning_rate):
+        learning_rate = optax.constant_schedule(learning_rate)
     return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
                                optimizer(learning_rate=learning_rate), learning_rate, mesh,
                                dropout_seed=seed)
@@ -160,7 +162,7 @@ class Progress:
 
 def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQUIRED,
         loop: LoopConfig = gin.REQUIRED,
-        learning_rate: optax.Schedule = optimizers.rsqrt_schedule(),
+        learning_rate: optax.ScalarOrSchedule = optimizers.rsqrt_schedule(),
         optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> None:
     """Trains until loop.train_steps, evaluating and checkpointing on the way."""
