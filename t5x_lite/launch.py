@@ -2,6 +2,7 @@
 --gin_bindings), gin parsing with the repository's gin/ folder on the search path, and the
 rule that bad input ends the program with one line naming the fix and a non-zero status."""
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -10,7 +11,8 @@ import gin
 import sentencepiece
 from absl import logging as absl_logging
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_DIR = os.path.join(REPO_DIR, "gin")
 
 
 class UsageError(Exception):
@@ -46,16 +48,28 @@ from t5x_lite.data import tasks
 from t5x_lite.data import vocab"""
 
 
+def resolve_gin_file(path: str) -> str:
+    """An absolute path for a gin file given relative to the current directory, the
+    repository root, or gin/ (so --gin_file=quickstart.gin works from anywhere)."""
+    for candidate in (path, os.path.join(REPO_DIR, path), os.path.join(GIN_DIR, path)):
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise UsageError(f"gin file {path!r} does not exist: pass a path relative to the current "
+                     f"directory or to {GIN_DIR}")
+
+
+@functools.cache
+def add_repo_to_gin_search_path() -> None:
+    # Gin files include each other as 'gin/...' relative to the repository root, a path no
+    # directory of the user's (such as a MODEL_DIR called runs/) can shadow.
+    gin.add_config_file_search_path(REPO_DIR)
+
+
 def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
     gin.clear_config()
+    add_repo_to_gin_search_path()
+    gin_files = [resolve_gin_file(path) for path in gin_files]
     gin_bindings = [BINDINGS_PREAMBLE, *gin_bindings]
-    for path in (os.getcwd(), GIN_DIR, os.path.dirname(GIN_DIR)):
-        gin.add_config_file_search_path(path)
-    for path in gin_files:
-        if not (os.path.exists(path) or os.path.exists(os.path.join(GIN_DIR, path))
-                or os.path.exists(os.path.join(os.path.dirname(GIN_DIR), path))):
-            raise UsageError(f"gin file {path!r} does not exist: pass a path relative to the "
-                             f"current directory or to {GIN_DIR}")
     # gin's package-resource reader logs an ERROR for every search path that lacks the file.
     logging.disable(logging.ERROR)
     try:

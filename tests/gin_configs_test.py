@@ -2,6 +2,8 @@
 the published parameter counts."""
 import glob
 import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -78,3 +80,15 @@ def test_quickstart_binds_the_t5x_macros():
     assert gin.get_configurable(train.LoopConfig)().train_steps == 7
     assert gin.get_configurable(train.DataConfig)().batch_size == 4
     gin.clear_config()
+
+
+def test_parses_from_a_directory_whose_folders_shadow_gin_paths(tmp_path):
+    # A MODEL_DIR named runs/ in the working directory once made gin's package-resource
+    # reader take 'runs/pretrain.gin' for a file inside a namespace package, and crash.
+    for name in ("runs", "models", "gin_models"):
+        (tmp_path / name).mkdir()
+    script = ("from t5x_lite import launch; "
+              f"launch.parse_gin([{launch.GIN_DIR + '/quickstart.gin'!r}], []); print('parsed')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "parsed" in result.stdout, result.stderr[-2000:]

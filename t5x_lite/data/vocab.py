@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -118,7 +119,11 @@ class _StdlibSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         if not self._model and not os.path.exists(self.sentencepiece_model_file):
             with _training_lock:
                 if not os.path.exists(self.sentencepiece_model_file):
-                    logging.info("Training SentencePiece model %s", self.sentencepiece_model_file)
+                    # Printed, not logged: it is a one-time pause of about 30 s that a user
+                    # should see explained even when library logs are silenced.
+                    print(f"Training a {self._training_vocab_size}-piece SentencePiece "
+                          "vocabulary on the embedded corpus (first run only) into "
+                          f"{self.sentencepiece_model_file}", file=sys.stderr, flush=True)
                     train_stdlib_sentencepiece(self.sentencepiece_model_file,
                                                self._training_vocab_size,
                                                self._max_training_bytes)
