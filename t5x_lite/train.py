@@ -196,6 +196,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, print)
     progress = Progress(start_step, loop.train_steps)
     pending, period_start, timed_from = [], time.perf_counter(), None
+    paused = 0.0  # Seconds of this logging period spent evaluating or checkpointing.
     for step in range(start_step + 1, loop.train_steps + 1):
         state, metrics = train_step(state, partitioning.global_batch(next(batches),
                                                                      trainer.mesh))
@@ -211,16 +212,19 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
             if not np.isfinite(row["loss"]):
                 raise ValueError(f"loss became {row['loss']} by step {step}: lower the learning "
                                  "rate or resume from an earlier checkpoint")
-            row["tokens_per_second"] = tokens_per_step * len(pending) / (now - period_start)
+            row["tokens_per_second"] = (tokens_per_step * len(pending)
+                                        / (now - period_start - paused))
             seconds_per_step = (now - timed_from) / max(step - start_step - 1, 1)
             writer.write(step, row, "train")
             progress.print(metrics_io.format_train_line(
                 step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
-            pending, period_start = [], now
+            pending, period_start, paused = [], now, 0.0
+        pause_start = time.perf_counter()
         if step % loop.eval_period == 0 or step == loop.train_steps:
             report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
         if step % loop.checkpoint_period == 0 or step == loop.train_steps:
             checkpoints.save(manager, state)
+        paused += time.perf_counter() - pause_start
     progress.close()
     manager.wait_until_finished()
     print(f"Finished at step {loop.train_steps}; checkpoints in "
