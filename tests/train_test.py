@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import gin
+import numpy as np
 import pytest
 
+from t5x_lite import eval as eval_lib
 from t5x_lite import launch
 from t5x_lite import train
 from t5x_lite.data import tasks
@@ -75,6 +77,23 @@ def test_loss_falls_and_rerun_resumes(task_name, tmp_path, capsys):
     train_in_process(tmp_path, 20)
     assert "Training already finished: checkpoint at step 20" in capsys.readouterr().out
 
+    # Evaluation restores the newest checkpoint and reproduces the in-training eval exactly.
+    scores = eval_in_process(tmp_path)
+    np.testing.assert_allclose(scores["loss"], validation[2]["loss"], rtol=1e-6)
+    out = capsys.readouterr().out
+    assert "Checkpoint step 20: validation loss" in out
+    assert out.count("--- infilling") == 3 and "<extra_id_0>" in out
+
+
+def eval_in_process(model_dir) -> dict[str, float]:
+    launch.parse_gin(["models/t5_1_1_tiny.gin", "runs/eval.gin"],
+                     [line for line in bindings(model_dir, 20) if "TRAIN_STEPS" not in line
+                      and "PERIOD" not in line and "rsqrt" not in line])
+    try:
+        return gin.get_configurable(eval_lib.run)()
+    finally:
+        gin.clear_config()
+
 
 def run_train_command(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "t5x_lite.train", *flags], cwd=REPO,
@@ -125,3 +144,12 @@ def test_missing_vocabulary_file(tmp_path):
 def test_bad_gin_binding():
     line = error_line(run_train_command(*QUICK, "--gin.models.T5Config.no_such_field=3"))
     assert "no_such_field" in line
+
+
+def test_eval_without_checkpoints_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_lite.eval", "--gin_file=gin/quickstart.gin",
+         f"--gin.MODEL_DIR='{tmp_path}/empty'"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    line = error_line(result)
+    assert "no checkpoints" in line and "train first" in line
