@@ -78,9 +78,10 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
 def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
         model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> dict[str, float]:
-    train.check_vocabulary(model_config, data)
     mesh = partitioning.create_mesh(mesh_config)
     model, step, params = restore_model(model_config, model_dir, mesh)
+    # After the restore, so a missing checkpoint is reported before any vocabulary training.
+    train.check_vocabulary(model_config, data)
     eval_step = trainer_lib.compile_eval_step(model, mesh, trainer_lib.param_shardings(model,
                                                                                        mesh))
     scores = train.evaluate(eval_step, params, data, mesh, eval_steps)
