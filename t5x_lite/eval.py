@@ -25,9 +25,8 @@ def restore_model(model_config: models.T5Config, model_dir: str, mesh
     """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
     model = models.EncoderDecoderModel(model_config)
     shardings = trainer_lib.param_shardings(model, mesh)
-    abstract = jax.tree_util.tree_map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        jax.eval_shape(model.init, jax.random.key(0)), shardings)
+    abstract = partitioning.with_shardings(jax.eval_shape(model.init, jax.random.key(0)),
+                                           shardings)
     if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
         raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: train first "
                                 "(python -m t5x_lite.train with the same gin files)")

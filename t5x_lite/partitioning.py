@@ -62,6 +62,13 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs that carry their target sharding, for restoring into shards."""
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split along their first (batch) dimension."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

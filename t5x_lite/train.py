@@ -33,10 +33,7 @@ class DataConfig:
     pack: bool = True
 
     def __post_init__(self):
-        for key in ("inputs", "targets"):
-            if self.task_feature_lengths.get(key, 0) < 2:
-                raise ValueError(f"TASK_FEATURE_LENGTHS needs '{key}' >= 2, got "
-                                 f"{dict(self.task_feature_lengths)}")
+        pipeline.check_lengths(self.task_feature_lengths)
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
 
@@ -172,7 +169,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
     trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed)
-    print(metrics_io.parameter_table(trainer.abstract_state().params), flush=True)
+    print(metrics_io.parameter_table(trainer.abstract_state.params), flush=True)
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
     state = restore_or_init(trainer, manager, loop.seed)
     start_step = int(state.step)

@@ -3,6 +3,7 @@ Knows nothing of gin, files or the input pipeline: it maps (state, batch) to (st
 """
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -41,9 +42,11 @@ class Trainer:
     def _in_mesh(self):
         return mesh_context(self.mesh)
 
+    @functools.cached_property
     def state_shardings(self) -> TrainState:
-        """NamedShardings of every leaf of the TrainState, derived from logical axis names."""
-        abstract = self.abstract_state()
+        """NamedShardings of every leaf of the TrainState, derived from logical axis names
+        (worked out once per Trainer)."""
+        abstract = self.abstract_state
         # Optimizer leaves that mirror a parameter's shape take its sharding (parameters of
         # equal shape here also share logical axes); factored Adafactor statistics and
         # scalars are small and stay replicated.
@@ -63,19 +66,17 @@ class Trainer:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.init(params))
 
+    @functools.cached_property
     def abstract_state(self) -> TrainState:
         return jax.eval_shape(self._init_state, jax.random.key(0))
 
     def sharded_abstract_state(self) -> TrainState:
-        return jax.tree_util.tree_map(
-            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                        sharding=sharding),
-            self.abstract_state(), self.state_shardings())
+        return partitioning.with_shardings(self.abstract_state, self.state_shardings)
 
     def init_state(self, seed: int) -> TrainState:
         """Initialises parameters directly in their shards (no host-side full copy)."""
         with self._in_mesh():
-            init = jax.jit(self._init_state, out_shardings=self.state_shardings())
+            init = jax.jit(self._init_state, out_shardings=self.state_shardings)
             return init(jax.random.key(seed))
 
     def _train_step(self, state: TrainState, batch: models.Batch
@@ -100,7 +101,7 @@ class Trainer:
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def compile_train_step(self) -> Callable:
-        shardings = self.state_shardings()
+        shardings = self.state_shardings
         batch_sharding = partitioning.batch_sharding(self.mesh)
         step = jax.jit(self._train_step, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, partitioning.replicated(self.mesh)),
@@ -108,7 +109,7 @@ class Trainer:
         return self._wrap(step)
 
     def compile_eval_step(self) -> Callable:
-        return compile_eval_step(self.model, self.mesh, self.state_shardings().params)
+        return compile_eval_step(self.model, self.mesh, self.state_shardings.params)
 
     def _wrap(self, compiled: Callable) -> Callable:
         return in_mesh(compiled, self.mesh)

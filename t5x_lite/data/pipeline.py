@@ -19,7 +19,7 @@ DECODER_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_w
 BATCH_KEYS = ENCODER_KEYS + DECODER_KEYS
 
 
-def _check_lengths(task_feature_lengths: dict[str, int]) -> None:
+def check_lengths(task_feature_lengths: dict[str, int]) -> None:
     for key in ("inputs", "targets"):
         if key not in task_feature_lengths:
             raise ValueError(f"task_feature_lengths needs key {key!r}, got "
@@ -59,7 +59,7 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
                 pack: bool = True, shard_index: int = 0, num_shards: int = 1
                 ) -> tf.data.Dataset:
     """The tf.data pipeline behind `get_batches`, yielding batches of int32 tensors."""
-    _check_lengths(task_feature_lengths)
+    check_lengths(task_feature_lengths)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < num_shards:
