@@ -8,7 +8,6 @@ import os
 import gin
 import jax
 import numpy as np
-import seqio
 
 from t5x_lite import checkpoints
 from t5x_lite import launch
@@ -18,6 +17,7 @@ from t5x_lite import partitioning
 from t5x_lite import train
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import tasks
+from t5x_lite.data import vocab
 
 
 def restore_model(model_config: models.T5Config, model_dir: str, mesh
@@ -35,25 +35,6 @@ def restore_model(model_config: models.T5Config, model_dir: str, mesh
     return model, step, params
 
 
-def show_ids(vocabulary: seqio.Vocabulary, ids: np.ndarray) -> str:
-    """Decodes ids up to EOS, rendering sentinels as <extra_id_N>."""
-    ids = [int(i) for i in ids]
-    if vocabulary.eos_id in ids:
-        ids = ids[:ids.index(vocabulary.eos_id)]
-    pieces, run = [], []
-    for token in ids + [None]:
-        is_sentinel = token is not None and token >= vocabulary.vocab_size - vocabulary.extra_ids
-        if token is None or is_sentinel:
-            if run:
-                pieces.append(vocabulary.decode(run))
-                run = []
-            if is_sentinel:
-                pieces.append(f"<extra_id_{vocabulary.vocab_size - 1 - token}>")
-        elif token > 0:
-            run.append(token)
-    return "".join(pieces)
-
-
 def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh,
                count: int) -> list[tuple[str, str, str]]:
     """(masked input, model fill, true fill) for the first `count` validation examples."""
@@ -69,9 +50,9 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
         "encoder_input_tokens": batch["encoder_input_tokens"]})
     tokens = np.asarray(jax.device_get(tokens))
     rows = range(min(count, len(local["encoder_input_tokens"])))
-    return [(show_ids(vocabulary, local["encoder_input_tokens"][i]),
-             show_ids(vocabulary, tokens[i]),
-             show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
+    return [(vocab.show_ids(vocabulary, local["encoder_input_tokens"][i]),
+             vocab.show_ids(vocabulary, tokens[i]),
+             vocab.show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
 
 
 def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,

@@ -2,6 +2,7 @@
 --gin_bindings), gin parsing with the repository's gin/ folder on the search path, and the
 rule that bad input ends the program with one line naming the fix and a non-zero status."""
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
@@ -19,9 +20,12 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
-def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
-    """Reads --gin_file (repeatable), --gin_bindings (repeatable) and --gin.NAME=VALUE."""
-    parser = argparse.ArgumentParser(description=description)
+def parse_flags(argv: list[str], description: str,
+                parser: argparse.ArgumentParser | None = None,
+                require_gin_file: bool = True) -> argparse.Namespace:
+    """Reads --gin_file (repeatable), --gin_bindings (repeatable) and --gin.NAME=VALUE, plus
+    the arguments `parser` already declares."""
+    parser = parser or argparse.ArgumentParser(description=description)
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
@@ -33,17 +37,18 @@ def parse_flags(argv: list[str], description: str) -> argparse.Namespace:
                              "--gin.NAME=VALUE or --gin_bindings='NAME = VALUE'")
         name, value = arg[len("--gin."):].split("=", 1)
         args.gin_bindings.append(f"{name} = {value}")
-    if not args.gin_file:
+    if require_gin_file and not args.gin_file:
         raise UsageError("no --gin_file given: pass e.g. --gin_file=gin/quickstart.gin")
     return args
 
 
 # Command-line bindings are parsed apart from the files, so they get their own imports: this
-# lets --gin.MIXTURE_OR_TASK_NAME=@tasks.register_stdlib_task() name project functions.
+# lets --gin.MIXTURE_OR_TASK_NAME=@tasks.register_task() name project functions.
 BINDINGS_PREAMBLE = """from __gin__ import dynamic_registration
 from t5x_lite import models
 from t5x_lite import optimizers
 from t5x_lite import partitioning
+from t5x_lite.data import objectives
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab"""
 
@@ -96,6 +101,30 @@ def quiet_library_logs() -> None:
     sentencepiece.set_min_log_level(2)
 
 
+def macro_value(name: str, default=None):
+    """The value of the gin macro `name` (evaluated, for `@fn()` references), or `default`
+    when no parsed file defines it."""
+    try:
+        gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        return default
+    with gin.config_scope(name):
+        return gin.get_configurable("gin.macro")()
+
+
+@contextlib.contextmanager
+def bad_input_exits():
+    """Turns bad input inside the block into one `error:` line and exit status 2
+    (T5X_LITE_DEBUG=1 re-raises to show the traceback)."""
+    try:
+        yield
+    except BAD_INPUT_ERRORS as error:
+        if os.environ.get("T5X_LITE_DEBUG"):
+            raise
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(run_name: str, description: str, argv: list[str] | None = None) -> None:
     """Parses flags and gin, then calls the function `run_name` ("module.function") with the
     arguments gin binds to it. Naming it by module path means the gin files' `import
@@ -106,14 +135,9 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     """
     argv = sys.argv[1:] if argv is None else argv
     quiet_library_logs()
-    try:
+    with bad_input_exits():
         args = parse_flags(argv, description)
         parse_gin(args.gin_file, args.gin_bindings)
         module_name, function_name = run_name.rsplit(".", 1)
         run = getattr(importlib.import_module(module_name), function_name)
         gin.get_configurable(run)()
-    except BAD_INPUT_ERRORS as error:
-        if os.environ.get("T5X_LITE_DEBUG"):
-            raise
-        print(f"error: {first_line(error)}", file=sys.stderr)
-        sys.exit(2)

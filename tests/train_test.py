@@ -85,6 +85,34 @@ def test_loss_falls_and_rerun_resumes(task_name, tmp_path, capsys):
     assert out.count("--- infilling") == 3 and "<extra_id_0>" in out
 
 
+def test_ul2_preset_pretrains_out_of_the_box(tmp_path, monkeypatch):
+    monkeypatch.setenv(vocab.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    launch.parse_gin(["models/t5_1_1_tiny.gin", "runs/pretrain.gin", "objectives/ul2.gin"], [
+        f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 4", "LOG_PERIOD = 2",
+        'TASK_FEATURE_LENGTHS = {"inputs": 64, "targets": 32}', "CHECKPOINT_PERIOD = 4",
+        "EVAL_PERIOD = 4", "EVAL_STEPS = 1", "models.T5Config.vocab_size = 1152",
+        # A small vocabulary (1000 pieces, with the mode tokens) trains in about a second.
+        "tasks.register_task.vocabulary = @vocab.sentencepiece_vocabulary()",
+        "vocab.sentencepiece_vocabulary.vocab_size = 1000",
+        "vocab.sentencepiece_vocabulary.max_training_bytes = 300000"])
+    try:
+        gin.get_configurable(train.run)()
+    finally:
+        gin.clear_config()
+    rows = metric_rows(tmp_path, "train")
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all(np.isfinite(row["loss"]) and row["loss"] > 5 for row in rows)  # ~log(1152)
+    assert [row["step"] for row in metric_rows(tmp_path, "validation")] == [0, 4]
+    assert "MIXTURE_OR_TASK_NAME = @tasks.register_task()" in (tmp_path / "config.gin").read_text()
+
+
+def test_bad_objective_setting_is_one_line(tmp_path):
+    line = error_line(run_train_command(
+        *QUICK, f"--gin.MODEL_DIR='{tmp_path}'", "--gin_file=gin/objectives/span_corruption.gin",
+        "--gin.objectives.SpanCorruption.noise_density=1.5"))
+    assert line == "error: noise_density must be in (0, 1), got 1.5"
+
+
 def eval_in_process(model_dir) -> dict[str, float]:
     launch.parse_gin(["models/t5_1_1_tiny.gin", "runs/eval.gin"],
                      [line for line in bindings(model_dir, 20) if "TRAIN_STEPS" not in line
@@ -134,9 +162,9 @@ def test_unwritable_model_dir(tmp_path):
 def test_missing_vocabulary_file(tmp_path):
     line = error_line(run_train_command(
         *QUICK, f"--gin.MODEL_DIR='{tmp_path}'",
-        "--gin.MIXTURE_OR_TASK_NAME=@tasks.register_stdlib_task()",
-        "--gin.tasks.register_stdlib_task.name='stdlib_custom_vocab'",
-        "--gin.tasks.register_stdlib_task.vocabulary=@vocab.sentencepiece_vocabulary()",
+        "--gin.MIXTURE_OR_TASK_NAME=@tasks.register_task()",
+        "--gin.tasks.register_task.name='stdlib_custom_vocab'",
+        "--gin.tasks.register_task.vocabulary=@vocab.sentencepiece_vocabulary()",
         "--gin.vocab.sentencepiece_vocabulary.model_path='/nonexistent/spiece.model'"))
     assert "/nonexistent/spiece.model" in line and "does not exist" in line
 

@@ -1,5 +1,6 @@
-"""Raw-text sources for seqio tasks: the embedded Python standard library corpus and local
-plain-text / JSONL files. Each source yields `{"text": tf.string}` documents; tokenization,
+"""Raw-text sources for seqio tasks: the embedded Python standard library corpus, local
+plain-text / JSONL files, and TFDS datasets (C4, Wikipedia) for those who have them prepared.
+Each source yields `{"text": tf.string}` documents (TFDS ones more fields); tokenization,
 chunking and noising live in `preprocessors.py`, per-host sharding in `pipeline.py`.
 
 The embedded corpus is the running interpreter's standard library: `.py` files outside
@@ -22,6 +23,14 @@ STDLIB_SPLITS = ("train", "validation")
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _EXCLUDED_DIRS = _TEST_DIRS | {"site-packages", "dist-packages", "__pycache__"}
 VALIDATION_FRACTION = 0.02
+# TFDS datasets known by name: (TFDS name:version, our split -> TFDS split). Wikipedia has only
+# a train split; its first 1% is held out for validation.
+TFDS_SOURCES = {
+    "c4": ("c4/en:3.1.0", {"train": "train", "validation": "validation"}),
+    "wikipedia": ("wikipedia/20230601.en:1.0.0",
+                  {"train": "train[1%:]", "validation": "train[:1%]"}),
+}
+SOURCE_NAMES = ("stdlib", *TFDS_SOURCES)
 
 
 def _is_validation(relative_path: str) -> bool:
@@ -139,3 +148,19 @@ def text_files_source(files: str | Sequence[str],
         return functools.reduce(tf.data.Dataset.concatenate, [datasets[i] for i in order])
 
     return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
+def tfds_source(tfds_name: str, splits: dict[str, str]) -> seqio.DataSource:
+    """A TFDS dataset prepared under $TFDS_DATA_DIR (default ~/tensorflow_datasets); nothing
+    is read or downloaded until the first dataset is built."""
+    return seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits)
+
+
+def named_source(name: str) -> seqio.DataSource:
+    """"stdlib" (the embedded corpus), "c4" (C4 English) or "wikipedia" (English Wikipedia)."""
+    if name == "stdlib":
+        return stdlib_source()
+    if name in TFDS_SOURCES:
+        return tfds_source(*TFDS_SOURCES[name])
+    raise ValueError(f"unknown source {name!r}: allowed values are {', '.join(SOURCE_NAMES)}, "
+                     "or use tasks.register_text_task for local files")

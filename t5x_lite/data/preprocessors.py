@@ -1,7 +1,13 @@
-"""Token-level tf.data preprocessors: cutting documents into chunks and T5 span corruption
-(Raffel et al. 2020, section 3.1.4). All randomness is stateless and seeded by seqio, so a
-pipeline is reproducible from its seed. Vocabularies and task wiring live elsewhere.
+"""Token-level tf.data preprocessors for the pretraining objectives: cutting documents into
+chunks that fit the requested lengths, T5 span corruption (Raffel et al. 2020, section 3.1.4),
+prefix-LM, BART noise (Lewis et al. 2020) and UL2 mode tokens (Tay et al. 2022).
+
+Every objective maps `{"targets": int [n]}` chunks to `{"inputs", "targets"}` and adds no EOS
+(seqio's `append_eos_after_trim` does). All randomness is stateless and seeded by seqio, so a
+pipeline is reproducible from its seed. Objective settings and task wiring live in
+`objectives.py` and `tasks.py`.
 """
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -22,30 +28,68 @@ def _noise_counts(length: int, noise_density: float,
     return num_noise_tokens, num_noise_spans
 
 
+def _span_corruption_lengths(tokens_length: int, noise_density: float,
+                             mean_noise_span_length: float) -> tuple[int, int, int]:
+    """(inputs, targets, spans) of corrupting `tokens_length` tokens, EOS not counted: kept
+    tokens plus one sentinel per span, and noise tokens plus one sentinel per span."""
+    num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    return tokens_length - num_noise + num_spans, num_noise + num_spans, num_spans
+
+
 def random_spans_helper(inputs_length: int, noise_density: float,
                         mean_noise_span_length: float) -> tuple[int, int]:
-    """(tokens_length, targets_length): the longest chunk whose span-corrupted inputs plus EOS
-    fit in `inputs_length` tokens, and the length of its targets plus EOS.
+    """(tokens_length, targets_length), as T5 computes them: the longest chunk whose
+    span-corrupted inputs plus EOS fit in `inputs_length` tokens, and the length of its targets
+    plus EOS, which is the targets length to request (114 for 512 inputs at T5's noise).
 
-    Corrupting n tokens with m noise tokens in s spans gives inputs of (n - m) + s tokens (kept
-    tokens and one sentinel per span) and targets of m + s tokens, each plus one EOS. The
-    inputs length grows by 0 or 1 per extra token, so the longest fitting chunk fills
-    `inputs_length` exactly.
+    Corrupting n tokens with m noise tokens in s spans gives inputs of (n - m) + s tokens and
+    targets of m + s tokens, each plus EOS. The inputs length grows by 0 or 1 per extra token,
+    so the longest fitting chunk fills `inputs_length` exactly.
     """
     check_noise_args(noise_density, mean_noise_span_length)
     if inputs_length < 3:
         raise ValueError(f"inputs_length must be >= 3 (a kept token, a sentinel and EOS), "
                          f"got {inputs_length}")
+    unbounded = 2**31 - 1  # T5 lets only the inputs length bind.
+    tokens_length = span_corruption_chunk_length(
+        {"inputs": inputs_length, "targets": unbounded}, noise_density, mean_noise_span_length,
+        max_spans=unbounded)
+    targets = _span_corruption_lengths(tokens_length, noise_density, mean_noise_span_length)[1]
+    return tokens_length, targets + 1
 
-    def corrupted_lengths(tokens_length: int) -> tuple[int, int]:
-        num_noise, num_spans = _noise_counts(tokens_length, noise_density,
-                                             mean_noise_span_length)
-        return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
-    tokens_length = 2
-    while corrupted_lengths(tokens_length + 1)[0] <= inputs_length:
+def _describe_lengths(sequence_length: dict[str, int]) -> str:
+    return f"task_feature_lengths {{'inputs': {sequence_length['inputs']}, " \
+           f"'targets': {sequence_length['targets']}}}"
+
+
+def span_corruption_chunk_length(sequence_length: dict[str, int], noise_density: float,
+                                 mean_noise_span_length: float, max_spans: int,
+                                 num_prefix_tokens: int = 0) -> int:
+    """The longest chunk whose span corruption fits `sequence_length` with nothing truncated:
+    `num_prefix_tokens` (a mode token) + corrupted inputs + EOS, and targets + EOS, using at
+    most `max_spans` sentinels. Equals `random_spans_helper`'s chunk when the inputs bind.
+
+    Raises ValueError naming the lengths needed when not even a 2-token chunk fits.
+    """
+    check_noise_args(noise_density, mean_noise_span_length)
+
+    def fits(tokens_length: int) -> bool:
+        inputs, targets, spans = _span_corruption_lengths(tokens_length, noise_density,
+                                                          mean_noise_span_length)
+        return (num_prefix_tokens + inputs + 1 <= sequence_length["inputs"]
+                and targets + 1 <= sequence_length["targets"] and spans <= max_spans)
+
+    if not fits(2):
+        raise ValueError(
+            f"{_describe_lengths(sequence_length)} are too short for span corruption "
+            f"(noise_density={noise_density}, mean_noise_span_length={mean_noise_span_length}"
+            f"{', a mode token' if num_prefix_tokens else ''}): it needs inputs >= "
+            f"{num_prefix_tokens + 3} and targets >= 3")
+    tokens_length = 2  # Each length grows with the chunk, so the first misfit ends the search.
+    while fits(tokens_length + 1):
         tokens_length += 1
-    return tokens_length, corrupted_lengths(tokens_length)[1]
+    return tokens_length
 
 
 def _random_segment_lengths(num_items: tf.Tensor, num_segments: tf.Tensor,
@@ -140,11 +184,209 @@ def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int) -> tf.da
     return dataset.map(to_chunks, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
-def split_tokens_to_inputs_length(dataset: tf.data.Dataset, sequence_length: dict[str, int],
-                                  noise_density: float = 0.15,
-                                  mean_noise_span_length: float = 3.0) -> tf.data.Dataset:
-    """`split_tokens` to the chunk length whose span corruption fills `sequence_length["inputs"]`
-    (568 tokens for 512 inputs at the default noise)."""
-    tokens_length, _ = random_spans_helper(sequence_length["inputs"], noise_density,
-                                           mean_noise_span_length)
+def split_tokens_for_span_corruption(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+                                     output_features: dict[str, seqio.Feature],
+                                     noise_density: float = 0.15,
+                                     mean_noise_span_length: float = 3.0,
+                                     num_prefix_tokens: int = 0) -> tf.data.Dataset:
+    """`split_tokens` to `span_corruption_chunk_length` (568 tokens for 512 inputs and 114
+    targets at T5's noise), with no more spans than the vocabulary has sentinels."""
+    max_spans = output_features["targets"].vocabulary.extra_ids
+    tokens_length = span_corruption_chunk_length(sequence_length, noise_density,
+                                                 mean_noise_span_length, max_spans,
+                                                 num_prefix_tokens)
     return split_tokens(dataset, tokens_length)
+
+
+# --- Prefix-LM --------------------------------------------------------------------------------
+
+def _prefix_lm_room(sequence_length: dict[str, int], num_prefix_tokens: int) -> tuple[int, int]:
+    """(prefix, continuation) tokens that fit beside the mode token and the two EOS."""
+    inputs_room = sequence_length["inputs"] - 1 - num_prefix_tokens
+    targets_room = sequence_length["targets"] - 1
+    if inputs_room < 1 or targets_room < 1:
+        raise ValueError(f"{_describe_lengths(sequence_length)} are too short for prefix-LM: "
+                         f"it needs inputs >= {num_prefix_tokens + 2} and targets >= 2")
+    return inputs_room, targets_room
+
+
+def split_tokens_for_prefix_lm(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+                               num_prefix_tokens: int = 0) -> tf.data.Dataset:
+    """`split_tokens` to max(prefix room, continuation room) tokens: chunks as long as the
+    longer feature, so that `prefix_lm` has a range of split points that both sides fit
+    (inputs 512 / targets 114: 510-token chunks split after token 397 to 509)."""
+    return split_tokens(dataset, max(_prefix_lm_room(sequence_length, num_prefix_tokens)))
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def _split_at_random_point(features, seed, inputs_room: int, targets_room: int):
+    tokens = features["targets"]
+    num_tokens = tf.size(tokens)
+    lowest = tf.maximum(1, num_tokens - targets_room)
+    highest = tf.minimum(num_tokens - 1, inputs_room)
+    split = tf.random.stateless_uniform([], seed, minval=lowest, maxval=highest + 1,
+                                        dtype=tf.int32)
+    return {"inputs": tokens[:split], "targets": tokens[split:]}
+
+
+def prefix_lm(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+              num_prefix_tokens: int = 0) -> tf.data.Dataset:
+    """Splits each chunk of >= 2 tokens at a point drawn uniformly among those where the prefix
+    (inputs) and the continuation (targets) both fit; prefix + targets is the chunk."""
+    inputs_room, targets_room = _prefix_lm_room(sequence_length, num_prefix_tokens)
+    return _split_at_random_point(dataset, inputs_room=inputs_room, targets_room=targets_room)
+
+
+# --- UL2 mode tokens --------------------------------------------------------------------------
+
+def mode_token_id(vocabulary: seqio.Vocabulary, mode_token: str) -> int:
+    """The single id of `mode_token`; ValueError if the vocabulary splits it into pieces."""
+    ids = list(vocabulary.encode(mode_token))
+    if len(ids) != 1 or vocabulary.decode(ids) != mode_token:
+        raise ValueError(
+            f"mode token {mode_token!r} is {len(ids)} pieces in {type(vocabulary).__name__}, "
+            "not one vocabulary entry: use a SentencePiece model that defines it as a "
+            "user_defined_symbol (vocab.sentencepiece_vocabulary() does) or set mode_token=None")
+    return ids[0]
+
+
+def prepend_mode_token(dataset: tf.data.Dataset, output_features: dict[str, seqio.Feature],
+                       mode_token: str) -> tf.data.Dataset:
+    """Puts the id of `mode_token` (such as UL2's "[NLU]") before the inputs."""
+    token_id = mode_token_id(output_features["inputs"].vocabulary, mode_token)
+
+    def prepend(features):
+        inputs = features["inputs"]
+        return {**features, "inputs": tf.concat([[tf.cast(token_id, inputs.dtype)], inputs], 0)}
+
+    return dataset.map(prepend, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- BART noise -------------------------------------------------------------------------------
+
+def check_rate(name: str, rate: float) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+
+def split_tokens_for_bart(dataset: tf.data.Dataset,
+                          sequence_length: dict[str, int]) -> tf.data.Dataset:
+    """`split_tokens` to chunks that fit both features plus EOS: the targets are the chunk and
+    the noised inputs are no longer than it (except for rare zero-length infilling spans)."""
+    tokens_length = min(sequence_length["inputs"], sequence_length["targets"]) - 1
+    if tokens_length < 2:
+        raise ValueError(f"{_describe_lengths(sequence_length)} are too short for BART noise: "
+                         "it needs inputs >= 3 and targets >= 3")
+    return split_tokens(dataset, tokens_length)
+
+
+def sentence_end_ids(vocabulary: seqio.Vocabulary, sentence_end_chars: str) -> np.ndarray:
+    """bool [vocab_size]: True for ids whose text ends with one of `sentence_end_chars`."""
+    is_end = np.zeros(vocabulary.vocab_size, bool)
+    for token_id in range(vocabulary.vocab_size - vocabulary.extra_ids):
+        text = vocabulary.decode([token_id])
+        is_end[token_id] = bool(text) and text[-1] in sentence_end_chars
+    return is_end
+
+
+def _permute_sentences(tokens: tf.Tensor, is_sentence_end: tf.Tensor, seed) -> tf.Tensor:
+    """Shuffles the sentences of `tokens` (each ends at a sentence-end token, the last one at
+    the end of the chunk), keeping the tokens inside each sentence in order."""
+    ends = tf.gather(is_sentence_end, tokens)
+    sentence_of_token = tf.cumsum(tf.cast(ends, tf.int32), exclusive=True)
+    num_sentences = tf.reduce_max(sentence_of_token) + 1
+    new_rank = tf.argsort(tf.random.stateless_uniform([num_sentences], seed))
+    return tf.gather(tokens, tf.argsort(tf.gather(new_rank, sentence_of_token), stable=True))
+
+
+def _rotate(tokens: tf.Tensor, seed) -> tf.Tensor:
+    """Starts the chunk at a uniformly drawn token and wraps around (document rotation)."""
+    start = tf.random.stateless_uniform([], seed, maxval=tf.size(tokens), dtype=tf.int32)
+    return tf.concat([tokens[start:], tokens[:start]], axis=0)
+
+
+def _infill_span_lengths(num_noise: tf.Tensor, poisson_lambda: float, seed) -> tf.Tensor:
+    """Poisson(lambda) span lengths, int32 [spans], drawn until they cover `num_noise` tokens;
+    the last span is cut so they sum to `num_noise` exactly. Zero-length spans stay (BART
+    inserts a mask token for them)."""
+    draws = tf.random.stateless_poisson([2 * num_noise + 4], seed, poisson_lambda, tf.int32)
+    covered_before = tf.cumsum(draws, exclusive=True)
+    lengths = tf.minimum(draws, num_noise - covered_before)
+    return tf.boolean_mask(lengths, covered_before < num_noise)
+
+
+def _infill(tokens: tf.Tensor, rate: float, poisson_lambda: float, mask_id: int,
+            seeds) -> tf.Tensor:
+    """Text infilling: round(rate * n) tokens in Poisson spans, each span replaced by one
+    `mask_id`. Spans and kept tokens are interleaved uniformly at random: the kept tokens and
+    the spans are laid out as slots, with the spans' slots a uniform draw among all slots."""
+    num_tokens = tf.size(tokens)
+    num_noise = tf.cast(tf.round(tf.cast(num_tokens, tf.float64) * rate), tf.int32)
+    span_lengths = _infill_span_lengths(num_noise, poisson_lambda, seeds[0])
+    num_spans = tf.size(span_lengths)
+    num_slots = num_tokens - num_noise + num_spans
+    _, span_slots = tf.math.top_k(tf.random.stateless_uniform([num_slots], seeds[1]), num_spans)
+    slot_is_span = tf.scatter_nd(span_slots[:, None], tf.ones([num_spans], tf.bool),
+                                 [num_slots])
+    span_index = tf.maximum(tf.cumsum(tf.cast(slot_is_span, tf.int32)) - 1, 0)
+    # tf.where gathers for kept slots too: a trailing 0 keeps the index valid with no spans.
+    padded_lengths = tf.concat([span_lengths, [0]], axis=0)
+    tokens_in_slot = tf.where(slot_is_span, tf.gather(padded_lengths, span_index), 1)
+    first_token = tf.minimum(tf.cumsum(tokens_in_slot, exclusive=True), num_tokens - 1)
+    return tf.where(slot_is_span, tf.cast(mask_id, tokens.dtype), tf.gather(tokens, first_token))
+
+
+@seqio.map_over_dataset(num_seeds=6)
+def _bart_noise(features, seeds, *, is_sentence_end, mask_id: int, text_infilling_rate: float,
+                poisson_lambda: float, token_masking_rate: float, token_deletion_rate: float,
+                sentence_permutation: bool, document_rotation: bool):
+    original = features["targets"]
+    tokens = original
+    if sentence_permutation:
+        tokens = _permute_sentences(tokens, is_sentence_end, seeds[0])
+    if document_rotation:
+        tokens = _rotate(tokens, seeds[1])
+    if text_infilling_rate > 0:
+        tokens = _infill(tokens, text_infilling_rate, poisson_lambda, mask_id, seeds[2:4])
+    is_mask = tokens == mask_id
+    if token_masking_rate > 0:
+        masked = tf.random.stateless_uniform(tf.shape(tokens), seeds[4]) < token_masking_rate
+        tokens = tf.where(masked, tf.cast(mask_id, tokens.dtype), tokens)
+    if token_deletion_rate > 0:
+        deleted = tf.random.stateless_uniform(tf.shape(tokens), seeds[5]) < token_deletion_rate
+        tokens = tf.boolean_mask(tokens, tf.logical_or(tf.logical_not(deleted), is_mask))
+    return {"inputs": tokens, "targets": original}
+
+
+def bart_noise(dataset: tf.data.Dataset, output_features: dict[str, seqio.Feature],
+               text_infilling_rate: float = 0.3, poisson_lambda: float = 3.0,
+               token_masking_rate: float = 0.0, token_deletion_rate: float = 0.0,
+               sentence_permutation: bool = True, document_rotation: bool = False,
+               sentence_end_chars: str = ".!?\n") -> tf.data.Dataset:
+    """BART's noising functions; the targets are the original chunk. Applied in this order:
+
+    sentence permutation (sentences end at tokens whose text ends in `sentence_end_chars`),
+    document rotation, text infilling (`text_infilling_rate` of the tokens in spans of
+    Poisson(`poisson_lambda`) length, each span one mask token), token masking (each other
+    token replaced by the mask with probability `token_masking_rate`) and token deletion (each
+    non-mask token dropped with probability `token_deletion_rate`). The mask token is the first
+    sentinel, id vocab_size - 1, which every vocabulary with extra ids has.
+    """
+    for name, rate in (("text_infilling_rate", text_infilling_rate),
+                       ("token_masking_rate", token_masking_rate),
+                       ("token_deletion_rate", token_deletion_rate)):
+        check_rate(name, rate)
+    if poisson_lambda <= 0:
+        raise ValueError(f"poisson_lambda must be > 0, got {poisson_lambda}")
+    vocabulary = output_features["targets"].vocabulary
+    if vocabulary.extra_ids < 1:
+        raise ValueError("BART noise needs a vocabulary with extra ids: its mask token is the "
+                         "first sentinel")
+    is_sentence_end = (sentence_end_ids(vocabulary, sentence_end_chars)
+                       if sentence_permutation else np.zeros(1, bool))
+    return _bart_noise(dataset, is_sentence_end=tf.constant(is_sentence_end),
+                       mask_id=vocabulary.vocab_size - 1, text_infilling_rate=text_infilling_rate,
+                       poisson_lambda=poisson_lambda, token_masking_rate=token_masking_rate,
+                       token_deletion_rate=token_deletion_rate,
+                       sentence_permutation=sentence_permutation,
+                       document_rotation=document_rotation)

@@ -1,90 +1,144 @@
 """The seqio task registry: every task registration in t5x_lite happens in this module.
 
-Registered at import: "stdlib_span_corruption" (SentencePiece, 8000 pieces + 100 sentinels,
-trained on first use) and "stdlib_span_corruption_bytes" (byte vocabulary). Importing trains
-nothing and reads no files.
+A task is a source (`corpora.py`) + an objective (`objectives.py`) + a vocabulary (`vocab.py`).
+Registered at import, named SOURCE_OBJECTIVE:
+  - stdlib_span_corruption, stdlib_ul2, stdlib_prefix_lm, stdlib_bart on the embedded corpus
+    (SentencePiece, 8000 pieces + 100 sentinels, trained on first use), and
+    stdlib_span_corruption_bytes (byte vocabulary);
+  - c4_span_corruption, c4_ul2, wikipedia_span_corruption, wikipedia_ul2 for TFDS data
+    prepared under $TFDS_DATA_DIR.
+UL2 names a mixture of one task per denoiser ("stdlib_ul2.nlu_span3_density0.15", ...).
+Importing trains nothing and reads no files. Gin registers variants at run time with
+`MIXTURE_OR_TASK_NAME = @tasks.register_task()` (see gin/objectives/).
 """
+import difflib
 import functools
 
 import seqio
 
 from t5x_lite.data import corpora
-from t5x_lite.data import preprocessors
+from t5x_lite.data import objectives
 from t5x_lite.data import vocab
 
-OBJECTIVES = ("span_corruption",)
 # Examples are shuffled after chunking, since one document yields consecutive (correlated)
 # chunks. Filling the buffer delays the first batch (about 1 s for 1000 stdlib examples).
 _SHUFFLE_BUFFER_SIZE = 1000
 
 
-def _span_corruption_preprocessors(noise_density: float, mean_noise_span_length: float) -> list:
-    noise = dict(noise_density=noise_density, mean_noise_span_length=mean_noise_span_length)
-    return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        functools.partial(preprocessors.split_tokens_to_inputs_length, **noise),
-        functools.partial(preprocessors.span_corruption, **noise),
-        seqio.preprocessors.append_eos_after_trim,
-    ]
+@functools.cache
+def default_vocabulary() -> seqio.Vocabulary:
+    """The stdlib SentencePiece vocabulary (one object, so the model file loads once)."""
+    return vocab.sentencepiece_vocabulary()
 
 
-def _span_corruption_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
     return {
         "inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
         "targets": seqio.Feature(vocabulary, add_eos=True),
     }
 
 
-def _register(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
-              objective: str, noise_density: float, mean_noise_span_length: float) -> str:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: allowed values are "
-                         f"{', '.join(OBJECTIVES)}")
-    preprocessors.check_noise_args(noise_density, mean_noise_span_length)
-    seqio.TaskRegistry.remove(name)
+def _add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
+              objective: objectives.SpanCorruption | objectives.PrefixLM | objectives.BartNoise
+              ) -> None:
     seqio.TaskRegistry.add(
         name,
         source=source,
-        preprocessors=_span_corruption_preprocessors(noise_density, mean_noise_span_length),
-        output_features=_span_corruption_features(vocabulary),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            *objective.preprocessors(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=_output_features(vocabulary),
         metric_fns=[],
         shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
     )
+
+
+def _remove(name: str) -> None:
+    """Unregisters `name`, and the denoiser tasks of a UL2 mixture of that name."""
+    if name in seqio.MixtureRegistry.names():
+        for task in seqio.MixtureRegistry.get(name).tasks:
+            if task.name.startswith(f"{name}."):
+                seqio.TaskRegistry.remove(task.name)
+        seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
+
+
+def register_task(name: str | None = None, source: str | seqio.DataSource = "stdlib",
+                  objective: str | objectives.Objective = "span_corruption",
+                  vocabulary: seqio.Vocabulary | None = None) -> str:
+    """Registers (or replaces) a task, or for UL2 a mixture, and returns its name.
+
+    Args:
+      name: default SOURCE_OBJECTIVE, such as "c4_ul2" (needs a named source).
+      source: "stdlib", "c4", "wikipedia" (see `corpora.named_source`) or a seqio.DataSource
+        yielding {"text": tf.string}.
+      objective: a name in `objectives.OBJECTIVES` (default settings) or a settings object.
+      vocabulary: default the stdlib SentencePiece vocabulary.
+    """
+    objective = objectives.get_objective(objective)
+    if name is None:
+        if not isinstance(source, str):
+            raise ValueError("register_task needs a name when the source is not a named one")
+        name = f"{source}_{objective.name}"
+    if isinstance(source, str):
+        source = corpora.named_source(source)
+    if vocabulary is None:
+        vocabulary = default_vocabulary()
+    _remove(name)
+    if not isinstance(objective, objectives.UL2):
+        _add_task(name, source, vocabulary, objective)
+        return name
+    rates = []
+    for label, rate, denoiser in objective.components():
+        _add_task(f"{name}.{label}", source, vocabulary, denoiser)
+        rates.append((f"{name}.{label}", rate))
+    seqio.MixtureRegistry.add(name, rates)
     return name
 
 
-def register_text_task(name: str, files, objective: str = "span_corruption",
+def register_text_task(name: str, files, objective: str | objectives.Objective = "span_corruption",
                        vocabulary: seqio.Vocabulary | None = None, validation_files=None,
-                       text_field: str = "text", noise_density: float = 0.15,
-                       mean_noise_span_length: float = 3.0) -> str:
-    """Registers (or replaces) a task over local `.txt` / `.jsonl` files; see
-    `corpora.text_files_source`. Splits: "train", plus "validation" given `validation_files`.
-    `vocabulary` defaults to the stdlib SentencePiece vocabulary. Returns `name`."""
+                       text_field: str = "text") -> str:
+    """Registers (or replaces) a task over local `.txt` / `.jsonl` files (see
+    `corpora.text_files_source`) for any objective. Splits: "train", plus "validation" given
+    `validation_files`. Returns `name`."""
     source = corpora.text_files_source(files, validation_files, text_field)
-    if vocabulary is None:
-        vocabulary = vocab.sentencepiece_vocabulary()
-    return _register(name, source, vocabulary, objective, noise_density, mean_noise_span_length)
+    return register_task(name, source, objective, vocabulary)
 
 
-def register_stdlib_task(name: str, vocabulary: seqio.Vocabulary, noise_density: float = 0.15,
-                         mean_noise_span_length: float = 3.0) -> str:
-    """Registers (or replaces) span corruption over the embedded stdlib corpus."""
-    return _register(name, corpora.stdlib_source(), vocabulary, "span_corruption",
-                     noise_density, mean_noise_span_length)
+def register_mixture(name: str, tasks_and_rates) -> str:
+    """Registers (or replaces) a seqio mixture of registered tasks or mixtures, given as
+    [(name, rate), ...]; each example comes from a member with probability rate / sum(rates)."""
+    for member, rate in tasks_and_rates:
+        get_task_or_mixture(member)
+        if rate <= 0:
+            raise ValueError(f"mixture {name!r}: rate of {member!r} must be > 0, got {rate}")
+    _remove(name)
+    seqio.MixtureRegistry.add(name, list(tasks_and_rates))
+    return name
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
-    """The registered task or mixture `name`; ValueError naming the registered ones if none."""
+    """The registered task or mixture `name`; ValueError naming the closest ones if none."""
     if name in seqio.MixtureRegistry.names():
         return seqio.MixtureRegistry.get(name)
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
     registered = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise ValueError(f"unknown task or mixture {name!r}: registered names include "
-                     f"{', '.join(registered)}; register it in t5x_lite/data/tasks.py or import "
-                     f"your module from a gin file")
+    closest = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
+    suggestion = f"did you mean {' or '.join(closest)}?" if closest else \
+        f"registered names include {', '.join(n for n in registered if '.' not in n)}"
+    raise ValueError(f"unknown task or mixture {name!r}: {suggestion} (register new ones in "
+                     "t5x_lite/data/tasks.py or from gin with @tasks.register_task())")
 
 
-register_stdlib_task("stdlib_span_corruption", vocab.sentencepiece_vocabulary())
-register_stdlib_task("stdlib_span_corruption_bytes", vocab.byte_vocabulary())
+for _objective in ("span_corruption", "ul2", "prefix_lm", "bart"):
+    register_task(source="stdlib", objective=_objective)
+register_task("stdlib_span_corruption_bytes", "stdlib", "span_corruption",
+              vocab.byte_vocabulary())
+for _source in corpora.TFDS_SOURCES:
+    for _objective in ("span_corruption", "ul2"):
+        register_task(source=_source, objective=_objective)

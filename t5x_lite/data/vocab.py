@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from absl import logging
 import seqio
@@ -20,15 +20,18 @@ import tensorflow as tf
 from t5x_lite.data import corpora
 
 DEFAULT_EXTRA_IDS = 100
+# UL2's paradigm tokens (Tay et al. 2022): single pieces of every vocabulary trained here, so a
+# denoiser's mode costs one input token and can be named at fine-tuning and inference time.
+MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 CACHE_ENV_VAR = "T5X_LITE_CACHE"
 MIN_TRAINED_VOCAB_SIZE = 512
 # Training chunks of this many lines keep "\n" inside the text SentencePiece sees.
 _LINES_PER_TRAINING_CHUNK = 8
 
 # Settings that make the model lossless on source code and training reproducible byte for byte:
-# identity normalization and no whitespace collapsing keep indentation, "\n" is a piece of its
-# own, unseen characters fall back to UTF-8 bytes instead of <unk>, and all chunks are used in
-# corpus order with a fixed thread count (no sampling).
+# identity normalization and no whitespace collapsing keep indentation, "\n" and the UL2 mode
+# tokens are pieces of their own, unseen characters fall back to UTF-8 bytes instead of <unk>,
+# and all chunks are used in corpus order with a fixed thread count (no sampling).
 _TRAINER_SETTINGS = dict(
     model_type="unigram",
     character_coverage=0.9995,
@@ -38,7 +41,7 @@ _TRAINER_SETTINGS = dict(
     add_dummy_prefix=False,
     allow_whitespace_only_pieces=True,
     split_digits=True,
-    user_defined_symbols=["\n"],
+    user_defined_symbols=["\n", *MODE_TOKENS],
     input_sentence_size=0,
     shuffle_input_sentence=False,
     max_sentence_length=1 << 16,
@@ -161,3 +164,23 @@ def sentencepiece_vocabulary(model_path: str | None = None, vocab_size: int = 80
 def byte_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.ByteVocabulary:
     """UTF-8 bytes shifted by 3 (ids 3..258) followed by `extra_ids` sentinels."""
     return seqio.ByteVocabulary(extra_ids=extra_ids)
+
+
+def show_ids(vocabulary: seqio.Vocabulary, ids: Sequence[int]) -> str:
+    """Decodes ids up to EOS (padding skipped), rendering sentinels as <extra_id_N>; mode
+    tokens such as [NLU] decode as themselves."""
+    ids = [int(i) for i in ids]
+    if vocabulary.eos_id in ids:
+        ids = ids[:ids.index(vocabulary.eos_id)]
+    pieces, run = [], []
+    for token in ids + [None]:
+        is_sentinel = token is not None and token >= vocabulary.vocab_size - vocabulary.extra_ids
+        if token is None or is_sentinel:
+            if run:
+                pieces.append(vocabulary.decode(run))
+                run = []
+            if is_sentinel:
+                pieces.append(f"<extra_id_{vocabulary.vocab_size - 1 - token}>")
+        elif token > 0:
+            run.append(token)
+    return "".join(pieces)

@@ -1,0 +1,321 @@
+"""Benchmarks of the train step and the input pipeline, measured on this machine in this run.
+
+  python scripts/benchmark.py train --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py input --tasks stdlib_span_corruption --cores 1 \\
+      --train-preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+
+Figures (each measured in the run that prints it; add --json for one JSON object per line):
+  train  step_seconds         median wall-clock seconds of one train step (forward, backward,
+                              Adafactor update; float32) on a device-resident packed-shaped
+                              batch, each step waited for; compilation and --warmup steps excluded
+         tokens_per_second    batch * (inputs + targets) / step_seconds: token slots per second
+         examples_per_second  batch / step_seconds: packed rows consumed per second
+         compile_seconds      wall-clock seconds of the first call (compilation plus one step)
+  input  examples_per_second  packed rows per second from data.pipeline.get_batches on --cores
+                              CPU cores: examples / seconds over the timed window, after
+                              --warmup batches (start-up and shuffle-buffer fill) are excluded
+         cpu_seconds          CPU time (all threads) the pipeline's process spent in that
+                              window: at most cores * seconds when the pinning holds
+         ratio_to_train       input examples_per_second / train examples_per_second; the
+                              project requires >= 5 (at_least_5x)
+"""
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+# Before TensorFlow or JAX is imported (here, in the measuring children, or by gin).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# TensorFlow and JAX are imported inside the functions that use them: spawn re-imports this
+# module in each input child, which must pin its cores before TensorFlow loads.
+from t5x_lite import launch  # noqa: E402  (light: gin and absl, no TensorFlow or JAX)
+
+REQUIRED_INPUT_RATIO = 5.0  # The input pipeline must outpace the train step this many times.
+DEFAULT_TASKS = "stdlib_span_corruption,stdlib_ul2,stdlib_prefix_lm,stdlib_bart"
+PRESET_DIR = os.path.join(launch.GIN_DIR, "models")
+TRAIN_STEPS, TRAIN_WARMUP_STEPS = 10, 2  # Defaults: timed and untimed steps after compiling.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Reports bad flags as one `error:` line (via launch's handling) instead of usage text."""
+
+    def error(self, message):
+        raise launch.UsageError(f"{message} (see: python {self.prog} --help)")
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
+
+
+def print_rows(rows: list[dict], as_json: bool) -> None:
+    """One JSON object per row, or one aligned table per kind of measurement ("what")."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return
+    for what in dict.fromkeys(row["what"] for row in rows):
+        group = [row for row in rows if row["what"] == what]
+        keys = list(dict.fromkeys(key for row in group for key in row))
+        cells = [keys] + [[format_value(row.get(key, "")) for key in keys] for row in group]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
+        for line in cells:
+            print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+        print(flush=True)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def available_presets() -> list[str]:
+    return sorted(name[:-len(".gin")] for name in os.listdir(PRESET_DIR) if name.endswith(".gin"))
+
+
+def check_preset(preset: str) -> None:
+    if preset not in available_presets():
+        raise launch.UsageError(f"unknown preset {preset!r}: choose one of "
+                                f"{', '.join(available_presets())} (files in {PRESET_DIR})")
+
+
+def model_config_of(preset: str):
+    """The preset's models.T5Config as its gin file binds it (dropout included), in float32."""
+    import gin
+    import jax.numpy as jnp
+    from t5x_lite import models
+
+    check_preset(preset)
+    launch.parse_gin([os.path.join(PRESET_DIR, f"{preset}.gin")], [])
+    try:
+        config = gin.get_configurable(models.T5Config)()
+    finally:
+        gin.clear_config()
+    return dataclasses.replace(config, dtype=jnp.float32)
+
+
+def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) -> dict:
+    """Random tokens in [1, vocab_size) in every key of pipeline.BATCH_KEYS, one segment per
+    row: what a fully packed batch looks like to the train step."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, length in (("encoder", inputs), ("decoder", targets)):
+        arrays[f"{prefix}_segment_ids"] = np.ones((batch, length), np.int32)
+        arrays[f"{prefix}_positions"] = np.tile(np.arange(length, dtype=np.int32), (batch, 1))
+    arrays["encoder_input_tokens"] = rng.integers(1, vocab_size, (batch, inputs), np.int32)
+    arrays["decoder_target_tokens"] = rng.integers(1, vocab_size, (batch, targets), np.int32)
+    arrays["decoder_input_tokens"] = np.pad(arrays["decoder_target_tokens"][:, :-1],
+                                            ((0, 0), (1, 0)))
+    arrays["decoder_loss_weights"] = np.ones((batch, targets), np.int32)
+    return arrays
+
+
+def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int,
+                  warmup: int) -> dict:
+    import jax
+    from t5x_lite import optimizers
+    from t5x_lite import partitioning
+    from t5x_lite import train
+    from t5x_lite.data import pipeline
+
+    if batch % jax.device_count():
+        raise launch.UsageError(f"--batch {batch} must divide evenly over the "
+                                f"{jax.device_count()} devices: pass a multiple of it")
+    config = model_config_of(preset)
+    # As gin/runs/pretrain.gin trains: Adafactor with T5's rsqrt schedule, data parallel over
+    # all devices (the rate's value does not change the step's cost).
+    trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
+                                  partitioning.MeshConfig(), seed=0)
+    arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size)
+    assert set(arrays) == set(pipeline.BATCH_KEYS)
+    device_batch = partitioning.global_batch(arrays, trainer.mesh)
+    state, train_step = trainer.init_state(seed=0), trainer.compile_train_step()
+    seconds = []
+    for _ in range(1 + warmup + steps):  # Compilation, warm-up, then timed steps.
+        start = time.perf_counter()
+        state, metrics = train_step(state, device_batch)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - start)
+    step_seconds = statistics.median(seconds[1 + warmup:])
+    return {"what": "train", "preset": preset, "device": device_name(), "batch": batch,
+            "inputs": inputs, "targets": targets, "steps": steps,
+            "step_seconds": step_seconds,
+            "tokens_per_second": batch * (inputs + targets) / step_seconds,
+            "examples_per_second": batch / step_seconds, "compile_seconds": seconds[0]}
+
+
+def device_name() -> str:
+    import jax
+    return f"{jax.device_count()}x {jax.devices()[0].device_kind}"
+
+
+def run_train(args: argparse.Namespace) -> list[dict]:
+    check_preset(args.preset)
+    return [measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
+                          args.warmup)]
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def check_tasks(names: list[str]) -> None:
+    from t5x_lite.data import tasks
+
+    for name in names:
+        tasks.get_task_or_mixture(name)  # ValueError naming the registered tasks.
+
+
+def cores_to_use(cores: int) -> list[int]:
+    available = sorted(os.sched_getaffinity(0))
+    if cores > len(available):
+        raise launch.UsageError(f"--cores {cores} exceeds the {len(available)} CPU cores this "
+                                f"process may use: pass --cores <= {len(available)}")
+    return available[:cores]
+
+
+def measure_input_in_child(task: str, lengths: dict, batch: int, seconds: float, warmup: int,
+                           cpus: list[int]) -> dict:
+    """Runs in a fresh process: pins it to `cpus` and caps TensorFlow's thread pools before
+    any TensorFlow runtime exists, then times the pipeline."""
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # The parent's stdout carries results.
+    os.sched_setaffinity(0, cpus)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(len(cpus))
+    tf.config.threading.set_inter_op_parallelism_threads(len(cpus))
+    tf.config.set_visible_devices([], "GPU")  # The pipeline runs on the host.
+    from t5x_lite.data import pipeline
+
+    launch.quiet_library_logs()
+    batches = pipeline.get_batches(task, "train", lengths, batch, shuffle=True, seed=0,
+                                   repeat=True, pack=True)
+    for _ in range(warmup):
+        next(batches)
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+    while True:
+        next(batches)
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    return {"what": "input", "task": task, "cores": len(os.sched_getaffinity(0)),
+            "batch": batch, "inputs": lengths["inputs"], "targets": lengths["targets"],
+            "batches": count, "examples": count * batch, "seconds": elapsed,
+            "cpu_seconds": time.process_time() - cpu_start,
+            "examples_per_second": count * batch / elapsed}
+
+
+def measure_input(task: str, args: argparse.Namespace, cpus: list[int]) -> dict:
+    lengths = {"inputs": args.inputs, "targets": args.targets}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_input_in_child,
+                          (task, lengths, args.batch, args.seconds, args.warmup, cpus))
+
+
+def run_input(args: argparse.Namespace) -> list[dict]:
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not names:
+        raise launch.UsageError("--tasks is empty: pass comma-separated task names")
+    cpus = cores_to_use(args.cores)
+    if args.train_preset:
+        check_preset(args.train_preset)
+    check_tasks(names)
+    rows = [measure_input(name, args, cpus) for name in names]
+    if args.train_preset:
+        train_row = measure_train(args.train_preset, args.batch, args.inputs, args.targets,
+                                  args.train_steps, TRAIN_WARMUP_STEPS)
+        for row in rows:
+            row["ratio_to_train"] = row["examples_per_second"] / train_row["examples_per_second"]
+            row["at_least_5x"] = row["ratio_to_train"] >= REQUIRED_INPUT_RATIO
+        rows.append(train_row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_sizes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int_at_least(1), default=8, help="rows per batch")
+    parser.add_argument("--inputs", type=int_at_least(2), default=512,
+                        help="encoder length L in tokens")
+    parser.add_argument("--targets", type=int_at_least(2), default=114,
+                        help="decoder length T in tokens")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per measurement, nothing else, on stdout")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="scripts/benchmark.py", description=__doc__.splitlines()[0],
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    # A subcommand is a parser here plus run=fn(args) -> rows, one dict per measurement.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    train_parser = commands.add_parser("train", help="median train-step time and throughput")
+    train_parser.add_argument("--preset", required=True,
+                              help="a model in gin/models/, e.g. t5_1_1_small")
+    add_sizes(train_parser)
+    train_parser.add_argument("--steps", type=int_at_least(1), default=TRAIN_STEPS,
+                              help="timed steps")
+    train_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS,
+                              help="untimed steps after compilation")
+    train_parser.set_defaults(run=run_train)
+
+    input_parser = commands.add_parser("input", help="input pipeline examples/s on --cores")
+    input_parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated names")
+    add_sizes(input_parser)
+    input_parser.add_argument("--seconds", type=positive_float, default=15.0,
+                              help="length of each task's timed window")
+    input_parser.add_argument("--warmup", type=int_at_least(0), default=10,
+                              help="untimed batches first (start-up, shuffle-buffer fill)")
+    input_parser.add_argument("--cores", type=int_at_least(1), default=1,
+                              help="CPU cores each pipeline may use")
+    input_parser.add_argument("--train-preset", default=None,
+                              help="also time this preset's train step; report the ratio")
+    input_parser.add_argument("--train-steps", type=int_at_least(1), default=TRAIN_STEPS,
+                              help="timed train steps for --train-preset")
+    input_parser.set_defaults(run=run_input)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Bad input ends with one `error:` line and status 2; T5X_LITE_DEBUG=1 re-raises."""
+    launch.quiet_library_logs()
+    with launch.bad_input_exits():
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        rows = args.run(args)
+    print_rows(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Pretraining objectives as settings: each is a frozen dataclass whose fields gin can bind
+(`gin/objectives/*.gin`) and which lists the seqio preprocessors that turn tokenized documents
+into `{"inputs", "targets"}` examples. `tasks.py` puts tokenization before them and EOS after.
+
+UL2 (Tay et al. 2022) is a mixture: one task per denoiser, sampled at the denoiser's rate, so
+the rates hold exactly per example and each denoiser cuts documents to the lengths it needs.
+"""
+import dataclasses
+import functools
+from typing import ClassVar, Mapping, Sequence
+
+from t5x_lite.data import preprocessors
+
+
+def _mode_token_steps(mode_token: str | None) -> tuple[int, list]:
+    """(tokens the mode token takes in the inputs, the preprocessor that prepends it)."""
+    if mode_token is None:
+        return 0, []
+    return 1, [functools.partial(preprocessors.prepend_mode_token, mode_token=mode_token)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCorruption:
+    """T5 span corruption; with `mode_token`, a UL2 R- or X-denoiser."""
+
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    mode_token: str | None = None
+    name: ClassVar[str] = "span_corruption"
+
+    def __post_init__(self):
+        preprocessors.check_noise_args(self.noise_density, self.mean_noise_span_length)
+
+    def preprocessors(self) -> list:
+        noise = dict(noise_density=self.noise_density,
+                     mean_noise_span_length=self.mean_noise_span_length)
+        num_prefix_tokens, mode_steps = _mode_token_steps(self.mode_token)
+        return [functools.partial(preprocessors.split_tokens_for_span_corruption, **noise,
+                                  num_prefix_tokens=num_prefix_tokens),
+                functools.partial(preprocessors.span_corruption, **noise), *mode_steps]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLM:
+    """Inputs are a prefix of the chunk, targets its continuation; with `mode_token`, UL2's
+    S-denoiser."""
+
+    mode_token: str | None = None
+    name: ClassVar[str] = "prefix_lm"
+
+    def preprocessors(self) -> list:
+        num_prefix_tokens, mode_steps = _mode_token_steps(self.mode_token)
+        return [functools.partial(preprocessors.split_tokens_for_prefix_lm,
+                                  num_prefix_tokens=num_prefix_tokens),
+                functools.partial(preprocessors.prefix_lm, num_prefix_tokens=num_prefix_tokens),
+                *mode_steps]
+
+
+@dataclasses.dataclass(frozen=True)
+class BartNoise:
+    """BART's noise (see `preprocessors.bart_noise`); defaults are BART's best combination,
+    text infilling of 30% of the tokens plus sentence permutation."""
+
+    text_infilling_rate: float = 0.3
+    poisson_lambda: float = 3.0
+    token_masking_rate: float = 0.0
+    token_deletion_rate: float = 0.0
+    sentence_permutation: bool = True
+    document_rotation: bool = False
+    sentence_end_chars: str = ".!?\n"
+    name: ClassVar[str] = "bart"
+
+    def __post_init__(self):
+        for field in ("text_infilling_rate", "token_masking_rate", "token_deletion_rate"):
+            preprocessors.check_rate(field, getattr(self, field))
+        if self.poisson_lambda <= 0:
+            raise ValueError(f"poisson_lambda must be > 0, got {self.poisson_lambda}")
+
+    def preprocessors(self) -> list:
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return [preprocessors.split_tokens_for_bart,
+                functools.partial(preprocessors.bart_noise, **settings)]
+
+
+# The paper's UL2 configuration: R-denoisers 0.4, X-denoisers 0.4, S-denoiser 0.2.
+DEFAULT_UL2_DENOISERS = (
+    {"mode_token": "[NLU]", "noise_density": 0.15, "mean_noise_span_length": 3.0, "rate": 0.2},
+    {"mode_token": "[NLU]", "noise_density": 0.15, "mean_noise_span_length": 8.0, "rate": 0.2},
+    {"mode_token": "[NLG]", "noise_density": 0.5, "mean_noise_span_length": 3.0, "rate": 0.1},
+    {"mode_token": "[NLG]", "noise_density": 0.5, "mean_noise_span_length": 8.0, "rate": 0.1},
+    {"mode_token": "[NLG]", "noise_density": 0.15, "mean_noise_span_length": 64.0, "rate": 0.1},
+    {"mode_token": "[NLG]", "noise_density": 0.5, "mean_noise_span_length": 64.0, "rate": 0.1},
+    {"mode_token": "[S2S]", "prefix_lm": True, "rate": 0.2},
+)
+_SPAN_KEYS = frozenset({"rate", "mode_token", "noise_density", "mean_noise_span_length"})
+_PREFIX_LM_KEYS = frozenset({"rate", "mode_token", "prefix_lm"})
+
+
+def _denoiser(index: int, settings: Mapping) -> tuple[str, float, SpanCorruption | PrefixLM]:
+    """(label, rate, objective) of one UL2 denoiser given as a dict (see DEFAULT_UL2_DENOISERS)."""
+    where = f"UL2 denoiser {index} ({dict(settings)})"
+    allowed = _PREFIX_LM_KEYS if settings.get("prefix_lm") else _SPAN_KEYS
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"{where} has unknown key {unknown[0]!r}: allowed keys are "
+                         f"{', '.join(sorted(allowed))}")
+    missing = sorted(allowed - set(settings) - {"mode_token", "prefix_lm"})
+    if missing:
+        raise ValueError(f"{where} needs key {missing[0]!r}")
+    rate = float(settings["rate"])
+    if rate <= 0:
+        raise ValueError(f"{where}: rate must be > 0, got {rate}")
+    mode_token = settings.get("mode_token")
+    mode = mode_token.strip("[]").lower() + "_" if mode_token else ""
+    if settings.get("prefix_lm"):
+        return f"{mode}prefix_lm", rate, PrefixLM(mode_token)
+    objective = SpanCorruption(settings["noise_density"], settings["mean_noise_span_length"],
+                               mode_token)
+    label = (f"{mode}span{objective.mean_noise_span_length:g}_"
+             f"density{objective.noise_density:g}")
+    return label, rate, objective
+
+
+@dataclasses.dataclass(frozen=True)
+class UL2:
+    """The mixture of denoisers: each dict names a `rate` (relative; normalised over the
+    denoisers), an optional `mode_token`, and either `prefix_lm: True` (S-denoiser) or a
+    `noise_density` and `mean_noise_span_length` (R- and X-denoisers)."""
+
+    denoisers: Sequence[Mapping] = DEFAULT_UL2_DENOISERS
+    name: ClassVar[str] = "ul2"
+
+    def __post_init__(self):
+        if not self.denoisers:
+            raise ValueError("UL2 needs at least one denoiser")
+        self.components()  # Validates every denoiser now, not when data is first read.
+
+    def components(self) -> list[tuple[str, float, SpanCorruption | PrefixLM]]:
+        """(label, rate, objective) per denoiser; labels are unique, such as
+        "nlu_span3_density0.15" or "s2s_prefix_lm"."""
+        components, seen = [], {}
+        for index, settings in enumerate(self.denoisers):
+            label, rate, objective = _denoiser(index, settings)
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:
+                label = f"{label}_{seen[label]}"
+            components.append((label, rate, objective))
+        return components
+
+
+Objective = SpanCorruption | PrefixLM | BartNoise | UL2
+OBJECTIVES = {cls.name: cls for cls in (SpanCorruption, PrefixLM, BartNoise, UL2)}
+
+
+def get_objective(objective: "str | Objective") -> Objective:
+    """An objective given by name (its default settings) or as a settings object."""
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}: allowed values are "
+                             f"{', '.join(OBJECTIVES)}")
+        return OBJECTIVES[objective]()
+    if not isinstance(objective, tuple(OBJECTIVES.values())):
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)} or an "
+                         f"objectives.{'/'.join(c.__name__ for c in OBJECTIVES.values())} "
+                         f"object, got {objective!r}")
+    return objective

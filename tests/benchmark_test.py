@@ -1,0 +1,65 @@
+"""scripts/benchmark.py prints measurements whose derived figures follow from the measured
+ones, keeps stdout to JSON with --json, and rejects bad input in one line with status 2."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_train_figures_follow_from_the_median_step():
+    (row,) = json_rows(run_benchmark("train", "--preset", "t5_1_1_tiny", "--batch", "2",
+                                     "--inputs", "16", "--targets", "8", "--steps", "3",
+                                     "--warmup", "1", "--json"))
+    assert {key: row[key] for key in ("what", "preset", "batch", "inputs", "targets", "steps")
+            } == {"what": "train", "preset": "t5_1_1_tiny", "batch": 2, "inputs": 16,
+                  "targets": 8, "steps": 3}
+    assert 0 < row["step_seconds"] < row["compile_seconds"]
+    np.testing.assert_allclose(row["tokens_per_second"], 2 * (16 + 8) / row["step_seconds"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(row["examples_per_second"], 2 / row["step_seconds"], rtol=1e-6)
+
+
+def test_input_rate_is_rows_over_seconds_on_one_core():
+    (row,) = json_rows(run_benchmark("input", "--tasks", "stdlib_span_corruption_bytes",
+                                     "--inputs", "32", "--targets", "16", "--batch", "4",
+                                     "--seconds", "2", "--cores", "1", "--json"))
+    assert {key: row[key] for key in ("what", "task", "cores", "batch", "inputs", "targets")
+            } == {"what": "input", "task": "stdlib_span_corruption_bytes", "cores": 1,
+                  "batch": 4, "inputs": 32, "targets": 16}
+    assert row["batches"] >= 1 and row["examples"] == 4 * row["batches"]
+    assert row["seconds"] >= 2
+    # Pinned to one core, the process cannot use more CPU time than wall time (plus ticks).
+    assert 0 < row["cpu_seconds"] <= 1.05 * row["seconds"]
+    np.testing.assert_allclose(row["examples_per_second"], row["examples"] / row["seconds"],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["input", "--tasks", "no_such_task", "--seconds", "1"], "stdlib_span_corruption"),
+    (["train", "--preset", "no_such_preset"], "t5_1_1_small"),
+    (["train", "--preset", "t5_1_1_tiny", "--batch", "0"], "--batch"),
+    (["no_such_command"], "train"),
+])
+def test_bad_input_is_one_error_line(args, expected):
+    result = run_benchmark(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
