@@ -13,6 +13,7 @@ import pytest
 from t5x_lite import launch
 from t5x_lite import models
 from t5x_lite import train
+from t5x_lite.data import tasks
 
 GIN_DIR = launch.GIN_DIR
 REQUIRED_MACROS = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'stdlib_span_corruption'",
@@ -94,28 +95,28 @@ def test_parses_from_a_directory_whose_folders_shadow_gin_paths(tmp_path):
     assert result.returncode == 0 and "parsed" in result.stdout, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("objective", ["span_corruption", "ul2", "prefix_lm", "bart"])
-def test_objective_files_register_the_source_and_objective(objective):
-    from t5x_lite.data import tasks
-    launch.parse_gin(["quickstart.gin", f"objectives/{objective}.gin"], ["SOURCE = 'wikipedia'"])
+def registered_name(files: list[str], bindings: list[str]) -> str:
+    """The MIXTURE_OR_TASK_NAME these gin files give, registering it as training would."""
+    launch.parse_gin(files, bindings)
     try:
-        name = gin.get_configurable(train.DataConfig)().mixture_or_task_name
+        return gin.get_configurable(train.DataConfig)().mixture_or_task_name
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("objective", ["span_corruption", "ul2", "prefix_lm", "bart"])
+def test_objective_files_register_the_source_and_objective(objective):
+    name = registered_name(["quickstart.gin", f"objectives/{objective}.gin"],
+                           ["SOURCE = 'wikipedia'"])
     assert name == f"wikipedia_{objective}"
     provider = tasks.get_task_or_mixture(name)
     assert provider.output_features["targets"].vocabulary.extra_ids == 100
 
 
 def test_objective_settings_come_from_gin():
-    from t5x_lite.data import tasks
-    launch.parse_gin(["quickstart.gin", "objectives/ul2.gin"], [
+    name = registered_name(["quickstart.gin", "objectives/ul2.gin"], [
         "objectives.UL2.denoisers = [{'rate': 3, 'noise_density': 0.3, "
         "'mean_noise_span_length': 5.0}, {'rate': 1, 'prefix_lm': True, 'mode_token': '[S2S]'}]"])
-    try:
-        name = gin.get_configurable(train.DataConfig)().mixture_or_task_name
-    finally:
-        gin.clear_config()
     mixture = tasks.get_task_or_mixture(name)
     rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
     assert rates == {"stdlib_ul2.span5_density0.3": 3, "stdlib_ul2.s2s_prefix_lm": 1}
@@ -126,16 +127,11 @@ def test_objective_settings_come_from_gin():
 
 
 def test_a_mixture_can_be_registered_from_gin():
-    from t5x_lite.data import tasks
-    launch.parse_gin(["quickstart.gin"], [
+    name = registered_name(["quickstart.gin"], [
         "MIXTURE_OR_TASK_NAME = @tasks.register_mixture()",
         "tasks.register_mixture.name = 'gin_test_mixture'",
         "tasks.register_mixture.tasks_and_rates = "
         "[('c4_span_corruption', 0.7), ('wikipedia_span_corruption', 0.3)]"])
-    try:
-        name = gin.get_configurable(train.DataConfig)().mixture_or_task_name
-    finally:
-        gin.clear_config()
     mixture = tasks.get_task_or_mixture(name)
     assert {task.name: mixture.get_rate(task) for task in mixture.tasks} == {
         "c4_span_corruption": 0.7, "wikipedia_span_corruption": 0.3}
