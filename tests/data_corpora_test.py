@@ -76,6 +76,22 @@ def test_text_and_jsonl_files_give_one_document_per_line(tmp_path):
     assert documents(held_out, "validation") == ["held out"]
 
 
+def test_shuffling_orders_files_and_jsonl_documents_by_seed(tmp_path):
+    jsonl_file = tmp_path / "many.jsonl"
+    jsonl_file.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)))
+    text_file = tmp_path / "lines.txt"
+    text_file.write_text("line 1\nline 2\nline 3\n")
+    source = corpora.text_files_source([str(jsonl_file), str(text_file)])
+    in_order = documents(source, "train")
+    shuffled = documents(source, "train", shuffle=True, seed=4)
+    assert shuffled == documents(source, "train", shuffle=True, seed=4)
+    assert sorted(shuffled) == sorted(in_order) and shuffled != in_order
+    jsonl_part = [d for d in shuffled if d.startswith("doc")]
+    assert jsonl_part != [f"doc {i}" for i in range(40)]  # Documents move within the file.
+    assert [d for d in shuffled if d.startswith("line")] == ["line 1", "line 2", "line 3"]
+    assert documents(source, "train", shuffle=True, seed=5) != shuffled
+
+
 def test_missing_file_is_named(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match=f"^text file {missing} does not exist$"):

@@ -6,6 +6,8 @@ data_pipeline_test.py.)"""
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +100,22 @@ def test_ul2_samples_each_denoiser_and_mode_token_at_its_rate(long_documents,
         assert modes[token] / len(examples) == pytest.approx(rate, abs=tolerance), token
 
 
+def test_ul2_denoisers_read_the_documents_in_different_orders(tmp_path):
+    files = []
+    for index in range(50):  # Plain-text files are shuffled as whole files.
+        files.append(str(tmp_path / f"{index}.txt"))
+        (tmp_path / f"{index}.txt").write_text(f"document {index}\n")
+    same_settings = {"noise_density": 0.15, "mean_noise_span_length": 3.0, "rate": 1.0}
+    name = tasks.register_text_task("mixtures_test_orders", files,
+                                    objectives.UL2([same_settings, same_settings]),
+                                    vocab.byte_vocabulary())
+    orders = [[example["text"] for example in task.source.get_dataset(
+        "train", shuffle=True, seed=0).as_numpy_iterator()]
+        for task in tasks.get_task_or_mixture(name).tasks]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 50
+    assert orders[0][:10] != orders[1][:10]
+
+
 def test_mixture_samples_its_tasks_at_their_rates(tmp_path):
     for letter in "ab":
         (tmp_path / f"{letter}.txt").write_text((letter * 200 + "\n") * 50)
@@ -185,7 +203,7 @@ def test_tfds_sources_feed_span_corruption_and_ul2(source, tfds_metadata_dir,
 
 def test_builtin_tfds_tasks_name_their_datasets():
     assert tasks.get_task_or_mixture("c4_span_corruption").source.tfds_dataset.name == "c4/en:3.1.0"
-    wikipedia = tasks.get_task_or_mixture("wikipedia_ul2").tasks[0].source
+    wikipedia = tasks.get_task_or_mixture("wikipedia_span_corruption").source
     assert wikipedia.tfds_dataset.name == "wikipedia/20230601.en:1.0.0"
     assert wikipedia.splits == ("train", "validation")
 
@@ -204,3 +222,16 @@ def test_inspect_task_shows_mode_tokens_and_sentinels(long_documents, small_sent
     targets = [line for line in lines if line.startswith("targets: '<extra_id_0>")]
     assert len(inputs) == 2 and len(targets) == 2
     assert all("<extra_id_1>" in line for line in inputs + targets)
+
+
+def test_inspect_task_command_answers_bad_input_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_lite.inspect_task", "stdlib_ul3", "--n", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 2 and not result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: unknown task or mixture 'stdlib_ul3': did you mean stdlib_ul2? "
+                      "(register new ones in t5x_lite/data/tasks.py or from gin with "
+                      "@tasks.register_task())"]
+    assert "Traceback" not in result.stderr

@@ -103,10 +103,14 @@ def _read_jsonl_documents(path: str, text_field: str) -> list[str]:
     return documents
 
 
-def _file_documents(path: str, text_field: str) -> tf.data.Dataset:
-    """Documents of one file as a dataset of `{"text": tf.string}`."""
-    if path.endswith(".jsonl"):
-        documents = _read_jsonl_documents(path, text_field)
+def _file_documents(path: str, jsonl_documents: dict[str, list[str]],
+                    rng: np.random.Generator | None) -> tf.data.Dataset:
+    """Documents of one file as a dataset of `{"text": tf.string}`: a parsed JSONL file's
+    documents, shuffled by `rng` when given, or a plain-text file's lines, streamed in order."""
+    if path in jsonl_documents:
+        documents = jsonl_documents[path]
+        if rng is not None:
+            documents = [documents[i] for i in rng.permutation(len(documents))]
         lines = tf.data.Dataset.from_tensor_slices(tf.constant(documents, dtype=tf.string))
     else:
         lines = tf.data.TextLineDataset(path).filter(
@@ -129,23 +133,26 @@ def text_files_source(files: str | Sequence[str],
                       text_field: str = "text") -> seqio.DataSource:
     """Local `.txt` files (one document per non-empty line) or `.jsonl` files (one document
     per line, the string in `text_field`). Any other extension is read as plain text.
+    Shuffling orders the files and, within JSONL files (held in memory), the documents.
 
     Files are checked, and JSONL files parsed, now: a bad input fails at registration.
     """
     files_by_split = {"train": _check_files(files)}
     if validation_files is not None:
         files_by_split["validation"] = _check_files(validation_files)
-    per_file = {split: [_file_documents(path, text_field) for path in paths]
-                for split, paths in files_by_split.items()}
+    jsonl_documents = {path: _read_jsonl_documents(path, text_field)
+                       for paths in files_by_split.values() for path in paths
+                       if path.endswith(".jsonl")}
     splits = tuple(files_by_split)
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         _check_split(split, splits)
-        datasets = per_file[split]
-        order = np.arange(len(datasets))
-        if shuffle_files:
-            order = np.random.default_rng(seed).permutation(len(datasets))
-        return functools.reduce(tf.data.Dataset.concatenate, [datasets[i] for i in order])
+        paths = files_by_split[split]
+        rng = np.random.default_rng(seed) if shuffle_files else None
+        if rng is not None:
+            paths = [paths[i] for i in rng.permutation(len(paths))]
+        return functools.reduce(tf.data.Dataset.concatenate,
+                                [_file_documents(path, jsonl_documents, rng) for path in paths])
 
     return seqio.FunctionDataSource(dataset_fn, splits=splits)
 
@@ -164,3 +171,31 @@ def named_source(name: str) -> seqio.DataSource:
         return tfds_source(*TFDS_SOURCES[name])
     raise ValueError(f"unknown source {name!r}: allowed values are {', '.join(SOURCE_NAMES)}, "
                      "or use tasks.register_text_task for local files")
+
+
+class ReseededSource(seqio.DataSource):
+    """`source` read with its shuffle seed offset by `seed_offset`: tasks that share a source
+    in one mixture (UL2's denoisers) then read its documents in different orders, instead of
+    each seeing the same passages at the same time. Shards and splits are the source's."""
+
+    def __init__(self, source: seqio.DataSource, seed_offset: int):
+        super().__init__(splits=source.splits, caching_permitted=source.caching_permitted)
+        self._source = source
+        self._seed_offset = seed_offset
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return self._source.supports_arbitrary_sharding
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return self._source.list_shards(split)
+
+    def num_input_examples(self, split: str) -> int | None:
+        return self._source.num_input_examples(split)
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, **unused) -> tf.data.Dataset:
+        if seed is not None:
+            seed += self._seed_offset
+        return self._source.get_dataset(split=split, shuffle=shuffle, seed=seed,
+                                        shard_info=shard_info)

@@ -92,8 +92,8 @@ def register_task(name: str | None = None, source: str | seqio.DataSource = "std
         _add_task(name, source, vocabulary, objective)
         return name
     rates = []
-    for label, rate, denoiser in objective.components():
-        _add_task(f"{name}.{label}", source, vocabulary, denoiser)
+    for index, (label, rate, denoiser) in enumerate(objective.components()):
+        _add_task(f"{name}.{label}", corpora.ReseededSource(source, index), vocabulary, denoiser)
         rates.append((f"{name}.{label}", rate))
     seqio.MixtureRegistry.add(name, rates)
     return name
