@@ -7,6 +7,7 @@ the rates hold exactly per example and each denoiser cuts documents to the lengt
 """
 import dataclasses
 import functools
+import re
 from typing import ClassVar, Mapping, Sequence
 
 from t5x_lite.data import preprocessors
@@ -111,7 +112,8 @@ def _denoiser(index: int, settings: Mapping) -> tuple[str, float, SpanCorruption
     if rate <= 0:
         raise ValueError(f"{where}: rate must be > 0, got {rate}")
     mode_token = settings.get("mode_token")
-    mode = mode_token.strip("[]").lower() + "_" if mode_token else ""
+    # Task names allow only word characters and dots: "[NLU]" -> "nlu_".
+    mode = re.sub(r"\W", "", mode_token).lower() + "_" if mode_token else ""
     if settings.get("prefix_lm"):
         return f"{mode}prefix_lm", rate, PrefixLM(mode_token)
     objective = SpanCorruption(settings["noise_density"], settings["mean_noise_span_length"],
