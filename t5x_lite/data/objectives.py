@@ -72,10 +72,8 @@ class BartNoise:
     name: ClassVar[str] = "bart"
 
     def __post_init__(self):
-        for field in ("text_infilling_rate", "token_masking_rate", "token_deletion_rate"):
-            preprocessors.check_rate(field, getattr(self, field))
-        if self.poisson_lambda <= 0:
-            raise ValueError(f"poisson_lambda must be > 0, got {self.poisson_lambda}")
+        preprocessors.check_bart_args(self.text_infilling_rate, self.poisson_lambda,
+                                      self.token_masking_rate, self.token_deletion_rate)
 
     def preprocessors(self) -> list:
         settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -264,9 +264,15 @@ def prepend_mode_token(dataset: tf.data.Dataset, output_features: dict[str, seqi
 
 # --- BART noise -------------------------------------------------------------------------------
 
-def check_rate(name: str, rate: float) -> None:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+def check_bart_args(text_infilling_rate: float, poisson_lambda: float,
+                    token_masking_rate: float, token_deletion_rate: float) -> None:
+    for name, rate in (("text_infilling_rate", text_infilling_rate),
+                       ("token_masking_rate", token_masking_rate),
+                       ("token_deletion_rate", token_deletion_rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    if poisson_lambda <= 0:
+        raise ValueError(f"poisson_lambda must be > 0, got {poisson_lambda}")
 
 
 def split_tokens_for_bart(dataset: tf.data.Dataset,
@@ -372,12 +378,7 @@ def bart_noise(dataset: tf.data.Dataset, output_features: dict[str, seqio.Featur
     non-mask token dropped with probability `token_deletion_rate`). The mask token is the first
     sentinel, id vocab_size - 1, which every vocabulary with extra ids has.
     """
-    for name, rate in (("text_infilling_rate", text_infilling_rate),
-                       ("token_masking_rate", token_masking_rate),
-                       ("token_deletion_rate", token_deletion_rate)):
-        check_rate(name, rate)
-    if poisson_lambda <= 0:
-        raise ValueError(f"poisson_lambda must be > 0, got {poisson_lambda}")
+    check_bart_args(text_infilling_rate, poisson_lambda, token_masking_rate, token_deletion_rate)
     vocabulary = output_features["targets"].vocabulary
     if vocabulary.extra_ids < 1:
         raise ValueError("BART noise needs a vocabulary with extra ids: its mask token is the "
