@@ -3,6 +3,9 @@
   python scripts/benchmark.py train --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
   python scripts/benchmark.py input --tasks stdlib_span_corruption --cores 1 \\
       --train-preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py remat --preset t5_1_1_small --scan
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      python scripts/benchmark.py state --preset t5_1_1_small   # 8 CPU devices stand in
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -18,6 +21,10 @@ Figures (each measured in the run that prints it; add --json for one JSON object
                               window: at most cores * seconds when the pinning holds
          ratio_to_train       input examples_per_second / train examples_per_second; the
                               project requires >= 5 (at_least_5x)
+  remat  time_ratio_to_none   train step_seconds under each remat policy / under "none"
+  state  parameter_bytes, optimizer_bytes   what one device holds under each rule table of
+                              gin/partitioning/ (from the shardings; nothing is allocated)
+         ratio_to_data        that total / the data-parallel total
 """
 import argparse
 import dataclasses
@@ -108,8 +115,9 @@ def check_preset(preset: str) -> None:
                                 f"{', '.join(available_presets())} (files in {PRESET_DIR})")
 
 
-def model_config_of(preset: str):
-    """The preset's models.T5Config as its gin file binds it (dropout included), in float32."""
+def model_config_of(preset: str, **overrides):
+    """The preset's models.T5Config as its gin file binds it (dropout included), in float32,
+    with `overrides` of its fields."""
     import gin
     import jax.numpy as jnp
     from t5x_lite import models
@@ -120,7 +128,7 @@ def model_config_of(preset: str):
         config = gin.get_configurable(models.T5Config)()
     finally:
         gin.clear_config()
-    return dataclasses.replace(config, dtype=jnp.float32)
+    return dataclasses.replace(config, **{"dtype": jnp.float32, **overrides})
 
 
 def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) -> dict:
@@ -142,7 +150,7 @@ def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) 
 
 
 def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int,
-                  warmup: int) -> dict:
+                  warmup: int, **overrides) -> dict:
     import jax
     from t5x_lite import optimizers
     from t5x_lite import partitioning
@@ -152,7 +160,7 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     if batch % jax.device_count():
         raise launch.UsageError(f"--batch {batch} must divide evenly over the "
                                 f"{jax.device_count()} devices: pass a multiple of it")
-    config = model_config_of(preset)
+    config = model_config_of(preset, **overrides)
     # As gin/runs/pretrain.gin trains: Adafactor with T5's rsqrt schedule, data parallel over
     # all devices (the rate's value does not change the step's cost).
     trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
@@ -172,7 +180,8 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
             "inputs": inputs, "targets": targets, "steps": steps,
             "step_seconds": step_seconds,
             "tokens_per_second": batch * (inputs + targets) / step_seconds,
-            "examples_per_second": batch / step_seconds, "compile_seconds": seconds[0]}
+            "examples_per_second": batch / step_seconds, "compile_seconds": seconds[0],
+            **overrides}
 
 
 def device_name() -> str:
@@ -184,6 +193,51 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     check_preset(args.preset)
     return [measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
                           args.warmup)]
+
+
+def run_remat(args: argparse.Namespace) -> list[dict]:
+    """The train step under each remat policy (layers scanned or not), as ratios to none."""
+    check_preset(args.preset)
+    rows = [measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
+                          args.warmup, remat_policy=policy, scan_layers=args.scan)
+            for policy in ("none", "minimal", "full")]
+    for row in rows:
+        row["time_ratio_to_none"] = row["step_seconds"] / rows[0]["step_seconds"]
+    return rows
+
+
+RULE_TABLES = ("data", "fsdp", "fsdp_tensor")
+
+
+def run_state(args: argparse.Namespace) -> list[dict]:
+    """Per-device bytes of parameters and optimizer state under each gin/partitioning/ table,
+    worked out from the shardings (nothing is allocated)."""
+    import gin
+    import jax
+    from t5x_lite import optimizers
+    from t5x_lite import partitioning
+    from t5x_lite import train
+
+    check_preset(args.preset)
+    config, rows = model_config_of(args.preset), []
+    for table in RULE_TABLES:
+        launch.parse_gin([os.path.join(launch.GIN_DIR, "partitioning", f"{table}.gin")], [])
+        try:
+            mesh_config = gin.get_configurable(partitioning.MeshConfig)()
+        finally:
+            gin.clear_config()
+        trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
+                                      mesh_config, seed=0)
+        state = trainer.sharded_abstract_state()
+        parameters = partitioning.per_device_bytes(state.params)
+        optimizer = partitioning.per_device_bytes(state.opt_state)
+        rows.append({"what": "state", "preset": args.preset, "rules": table,
+                     "devices": jax.device_count(), "mesh": dict(trainer.mesh.shape),
+                     "parameter_bytes": parameters, "optimizer_bytes": optimizer,
+                     "total_mib": (parameters + optimizer) / 2**20})
+    for row in rows:
+        row["ratio_to_data"] = row["total_mib"] / rows[0]["total_mib"]
+    return rows
 
 
 # ----------------------------------------------------------------------------- input
@@ -290,6 +344,20 @@ def build_parser() -> ArgumentParser:
     train_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS,
                               help="untimed steps after compilation")
     train_parser.set_defaults(run=run_train)
+
+    remat_parser = commands.add_parser("remat", help="train step time per remat policy")
+    remat_parser.add_argument("--preset", required=True)
+    add_sizes(remat_parser)
+    remat_parser.add_argument("--scan", action="store_true", help="scan over layers too")
+    remat_parser.add_argument("--steps", type=int_at_least(1), default=TRAIN_STEPS)
+    remat_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS)
+    remat_parser.set_defaults(run=run_remat)
+
+    state_parser = commands.add_parser(
+        "state", help="per-device parameter + optimizer bytes under each rule table")
+    state_parser.add_argument("--preset", required=True)
+    state_parser.add_argument("--json", action="store_true")
+    state_parser.set_defaults(run=run_state)
 
     input_parser = commands.add_parser("input", help="input pipeline examples/s on --cores")
     input_parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated names")

@@ -8,6 +8,7 @@ import os
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from t5x_lite import checkpoints
 from t5x_lite import launch
@@ -20,11 +21,12 @@ from t5x_lite.data import tasks
 from t5x_lite.data import vocab
 
 
-def restore_model(model_config: models.T5Config, model_dir: str, mesh
+def restore_model(model_config: models.T5Config, model_dir: str, mesh,
+                  rules=partitioning.LOGICAL_AXIS_RULES
                   ) -> tuple[models.EncoderDecoderModel, int, object]:
     """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
     model = models.EncoderDecoderModel(model_config)
-    shardings = trainer_lib.param_shardings(model, mesh)
+    shardings = trainer_lib.param_shardings(model, mesh, rules)
     abstract = partitioning.with_shardings(jax.eval_shape(model.init, jax.random.key(0)),
                                            shardings)
     if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
@@ -35,7 +37,7 @@ def restore_model(model_config: models.T5Config, model_dir: str, mesh
     return model, step, params
 
 
-def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh,
+def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh, rules,
                count: int) -> list[tuple[str, str, str]]:
     """(masked input, model fill, true fill) for the first `count` validation examples."""
     vocabulary = tasks.get_task_or_mixture(
@@ -46,9 +48,11 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
     decode_length = data.task_feature_lengths["targets"]
     predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=decode_length,
                                                        eos_id=vocabulary.eos_id))
-    tokens, _ = trainer_lib.in_mesh(predict, mesh)(params, {
+    tokens, _ = trainer_lib.in_mesh(predict, mesh, rules)(params, {
         "encoder_input_tokens": batch["encoder_input_tokens"]})
-    tokens = np.asarray(jax.device_get(tokens))
+    # Every host holds some rows; process 0 (which prints) holds the first ones.
+    tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True)
+                        if jax.process_count() > 1 else jax.device_get(tokens))
     rows = range(min(count, len(local["encoder_input_tokens"])))
     return [(vocab.show_ids(vocabulary, local["encoder_input_tokens"][i]),
              vocab.show_ids(vocabulary, tokens[i]),
@@ -59,21 +63,22 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
         model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> dict[str, float]:
     mesh = partitioning.create_mesh(mesh_config)
-    model, step, params = restore_model(model_config, model_dir, mesh)
+    rules = mesh_config.rules
+    model, step, params = restore_model(model_config, model_dir, mesh, rules)
     # After the restore, so a missing checkpoint is reported before any vocabulary training.
     train.check_vocabulary(model_config, data)
-    eval_step = trainer_lib.compile_eval_step(model, mesh, trainer_lib.param_shardings(model,
-                                                                                       mesh))
+    eval_step = trainer_lib.compile_eval_step(
+        model, mesh, trainer_lib.param_shardings(model, mesh, rules), rules)
     scores = train.evaluate(eval_step, params, data, mesh, eval_steps)
-    print(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
-          f"token accuracy {scores['accuracy']:.4f}  "
-          f"({scores['target_tokens']:,.0f} target tokens)", flush=True)
+    train.say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
+              f"token accuracy {scores['accuracy']:.4f}  "
+              f"({scores['target_tokens']:,.0f} target tokens)")
     metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
     for index, (masked, predicted, truth) in enumerate(
-            infillings(model, params, data, mesh, num_infillings)):
+            infillings(model, params, data, mesh, rules, num_infillings)):
         # Fills are short: show them on one line each, newlines escaped, to compare by eye.
-        print(f"\n--- infilling {index + 1} ---\ninput (spans masked):\n{masked}\n"
-              f"model fill: {predicted!r}\ntrue fill:  {truth!r}", flush=True)
+        train.say(f"\n--- infilling {index + 1} ---\ninput (spans masked):\n{masked}\n"
+                  f"model fill: {predicted!r}\ntrue fill:  {truth!r}")
     return scores
 
 

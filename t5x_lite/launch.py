@@ -1,14 +1,19 @@
 """What every entry point shares: T5X-style flags (--gin_file, --gin.NAME=VALUE,
---gin_bindings), gin parsing with the repository's gin/ folder on the search path, and the
-rule that bad input ends the program with one line naming the fix and a non-zero status."""
+--gin_bindings, and the multi-host --coordinator_address / --num_processes / --process_id),
+gin parsing with the repository's gin/ folder on the search path, joining the jax.distributed
+system, and the rule that bad input ends the program with one line naming the fix and a
+non-zero status."""
 import argparse
 import contextlib
 import functools
+import glob
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 import gin
+import jax
 import sentencepiece
 from absl import logging as absl_logging
 
@@ -30,6 +35,11 @@ def parse_flags(argv: list[str], description: str,
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="a gin binding such as \"TRAIN_STEPS = 100\" (repeatable)")
+    # Read as strings and checked in distributed_settings, so bad values get our one line.
+    parser.add_argument("--coordinator_address", help="multi-host: HOST:PORT of process 0 "
+                        "(omit on TPU pods and SLURM, where jax finds it)")
+    parser.add_argument("--num_processes", help="multi-host: number of processes in all")
+    parser.add_argument("--process_id", help="multi-host: this process, in [0, num_processes)")
     args, rest = parser.parse_known_args(argv)
     for arg in rest:
         if not arg.startswith("--gin.") or "=" not in arg:
@@ -39,7 +49,73 @@ def parse_flags(argv: list[str], description: str,
         args.gin_bindings.append(f"{name} = {value}")
     if require_gin_file and not args.gin_file:
         raise UsageError("no --gin_file given: pass e.g. --gin_file=gin/quickstart.gin")
+    args.distributed = distributed_settings(args)
     return args
+
+
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def distributed_settings(args: argparse.Namespace) -> dict | None:
+    """The keyword arguments of jax.distributed.initialize from the three multi-host flags,
+    or None when none is given; the flags come all together or not at all."""
+    given = {name: getattr(args, name, None) for name in DISTRIBUTED_FLAGS}
+    if all(value is None for value in given.values()):
+        return None
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise UsageError(f"--{missing[0]} is missing: multi-host runs pass all of "
+                         "--coordinator_address=HOST:PORT --num_processes=N --process_id=I "
+                         "(or none, on a TPU pod or SLURM)")
+    host, _, port = given["coordinator_address"].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--coordinator_address={given['coordinator_address']!r} is not "
+                         "HOST:PORT: pass e.g. --coordinator_address=10.0.0.2:8476")
+    numbers = {}
+    for name in ("num_processes", "process_id"):
+        try:
+            numbers[name] = int(given[name])
+        except ValueError:
+            raise UsageError(f"--{name}={given[name]!r} is not an integer") from None
+    if numbers["num_processes"] < 1:
+        raise UsageError(f"--num_processes must be >= 1, got {numbers['num_processes']}")
+    if not 0 <= numbers["process_id"] < numbers["num_processes"]:
+        raise UsageError(f"--process_id must be in [0, {numbers['num_processes']}) for "
+                         f"--num_processes={numbers['num_processes']}, got "
+                         f"{numbers['process_id']}")
+    return {"coordinator_address": given["coordinator_address"], **numbers}
+
+
+def detected_cluster() -> str | None:
+    """The multi-process cluster this process runs in, when jax.distributed can find its
+    coordinator and process id by itself (see jax/_src/clusters/): a SLURM job step of more
+    than one task, a GKE TPU slice (hostnames in the environment), or a Cloud TPU VM (libtpu
+    and TPU chips present; jax asks the metadata server, and a single-host VM is a system of
+    one process)."""
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        if "," in os.environ.get(name, ""):
+            return "TPU pod"
+    tpu_chips = glob.glob("/dev/accel[0-9]*") + glob.glob("/dev/vfio/[0-9]*")
+    if tpu_chips and importlib.util.find_spec("libtpu") is not None:
+        return "TPU VM"
+    return None
+
+
+def start_distributed(settings: dict | None) -> None:
+    """Joins the jax.distributed system before any other JAX use, with the flags' settings
+    or, with none, when `detected_cluster` finds one; otherwise a single process."""
+    if settings is None and detected_cluster() is None:
+        return
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if not platforms or "cpu" in platforms.split(","):
+        # CPU devices of different processes reduce over TCP only with a collectives library.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**(settings or {}))
+    if jax.process_index() == 0:
+        print(f"Process 0 of {jax.process_count()}: {jax.local_device_count()} local devices, "
+              f"{jax.device_count()} devices in all", flush=True)
 
 
 # Command-line bindings are parsed apart from the files, so they get their own imports: this
@@ -79,7 +155,8 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
     logging.disable(logging.ERROR)
     try:
         gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
-    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, AttributeError,
+            NameError) as error:
         raise UsageError(f"bad gin configuration: {first_line(error)}") from error
     finally:
         logging.disable(logging.NOTSET)
@@ -138,6 +215,7 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     with bad_input_exits():
         args = parse_flags(argv, description)
         parse_gin(args.gin_file, args.gin_bindings)
+        start_distributed(args.distributed)
         module_name, function_name = run_name.rsplit(".", 1)
         run = getattr(importlib.import_module(module_name), function_name)
         gin.get_configurable(run)()

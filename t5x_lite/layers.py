@@ -1,6 +1,7 @@
 """Transformer building blocks of T5: embeddings, RMSNorm, attention with relative position
-bias and packing masks, and MLPs. Every parameter and key activation carries logical axis
-names; this module knows nothing of meshes, losses or training.
+bias and packing masks, MLPs, and the memory transforms of a layer stack (remat, scan). Every
+parameter and key activation carries logical axis names; this module knows nothing of meshes,
+losses or training.
 
 Dimension letters: B batch, L encoder length, T decoder length, S attended length (L or T),
 D model, H heads, K head dim, F mlp, V vocab, R relative-position buckets.
@@ -215,3 +216,49 @@ class DecoderLayer(nn.Module):
         normed_BTD = rms_norm(cfg, "pre_mlp_norm")(y_BTD)
         y_BTD = y_BTD + dropout(Mlp(cfg, name="mlp")(normed_BTD, deterministic), deterministic)
         return constrain(y_BTD, ("batch", "length", "embed"))
+
+
+# T5Config.remat_policy -> what a rematerialised layer keeps for the backward pass.
+REMAT_POLICIES = {
+    # Keep everything: the layer is not wrapped in nn.remat at all.
+    "none": None,
+    # Keep only the outputs of the weight matmuls (q/k/v/out projections, MLP wi/wo): as
+    # dot_generals they have no batch dimensions, while the attention logits and context
+    # einsums are batched over B and H and are not kept. checkpoint_dots would also keep
+    # those [B, H, T, S] logits, the one activation that grows with length squared.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep nothing: the whole layer is recomputed from its input in the backward pass.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def rematerialised(layer_class: type[nn.Module], policy: str, deterministic_argnum: int,
+                   scanned: bool) -> type[nn.Module]:
+    """`layer_class`, recomputed in the backward pass as REMAT_POLICIES[policy] says.
+
+    `deterministic_argnum` is the position of the `deterministic` argument of __call__,
+    counting self as 0: it chooses Python branches (dropout), so it must be static.
+    """
+    if policy == "none":
+        return layer_class
+    # Inside nn.scan the loop body already keeps XLA from merging the recomputation back into
+    # the forward pass; prevent_cse's barriers would only cost time (nn.remat's docstring).
+    return nn.remat(layer_class, policy=REMAT_POLICIES[policy], prevent_cse=not scanned,
+                    static_argnums=(deterministic_argnum,))
+
+
+def scan_layers(layer: nn.Module, num_layers: int, x: jax.Array, *shared) -> jax.Array:
+    """Applies `layer` num_layers times, each time with its own slice of parameters.
+
+    The parameters are stacked along a new leading logical axis "layers"; `shared` (biases,
+    encoder output, `deterministic`) are broadcast to every layer. Each layer draws its own
+    dropout masks.
+    """
+    def body(module: nn.Module, carry: jax.Array, *args) -> tuple[jax.Array, None]:
+        return module(carry, *args), None
+
+    scanned = nn.scan(body, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(shared), length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(layer, x, *shared)[0]

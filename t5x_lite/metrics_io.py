@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from t5x_lite import partitioning
+
 
 class MetricsWriter:
     """Appends rows to metrics.jsonl and writes the same scalars to TensorBoard.
@@ -55,14 +57,41 @@ def format_train_line(step: int, total_steps: int, metrics: dict[str, float],
             f"tok/s {metrics['tokens_per_second']:,.0f}  left {format_duration(seconds_left)}")
 
 
-def parameter_table(params: Any) -> str:
-    """One row per parameter (path, shape, count) and the total."""
+def _spec_text(spec) -> str:
+    return "(" + ", ".join("-" if axis is None else
+                           "+".join(axis) if isinstance(axis, tuple) else str(axis)
+                           for axis in spec) + ")"
+
+
+def parameter_table(params: Any, logical_axes: Any = None) -> str:
+    """One row per parameter: path, shape, count and, when `params` are ShapeDtypeStructs
+    carrying shardings and `logical_axes` (PartitionSpecs of names) are given, its logical
+    axes and the mesh axes they map to ("-": not split). Then the total."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    logical = ([None] * len(leaves) if logical_axes is None else jax.tree_util.tree_leaves(
+        logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     rows = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = "/".join(str(getattr(key, "key", key)) for key in path)
-        rows.append((name, "x".join(str(d) for d in leaf.shape), int(np.prod(leaf.shape))))
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'parameter':<{width}}  {'shape':>16}  {'count':>14}"]
-    lines += [f"{name:<{width}}  {shape:>16}  {count:>14,d}" for name, shape, count in rows]
-    lines.append(f"{'total':<{width}}  {'':>16}  {sum(c for _, _, c in rows):>14,d}")
+    for (path, leaf), names in zip(leaves, logical):
+        sharding = getattr(leaf, "sharding", None)
+        rows.append(("/".join(str(getattr(key, "key", key)) for key in path),
+                     "x".join(str(d) for d in leaf.shape), int(np.prod(leaf.shape)),
+                     "" if names is None else _spec_text(names),
+                     "" if sharding is None else _spec_text(sharding.spec)))
+    width = max(len(row[0]) for row in rows)
+    axes_width = max(len(row[3]) for row in rows)
+    lines = [f"{'parameter':<{width}}  {'shape':>16}  {'count':>14}  "
+             f"{'logical axes':<{axes_width}}  mesh axes".rstrip()]
+    lines += [f"{name:<{width}}  {shape:>16}  {count:>14,d}  {names:<{axes_width}}  {mesh}"
+              .rstrip() for name, shape, count, names, mesh in rows]
+    lines.append(f"{'total':<{width}}  {'':>16}  {sum(row[2] for row in rows):>14,d}")
     return "\n".join(lines)
+
+
+def state_bytes_line(sharded_state: Any) -> str:
+    """Bytes of parameters and optimizer state held by one device, from a TrainState of
+    ShapeDtypeStructs that carry their shardings."""
+    mib = 2**20
+    params = partitioning.per_device_bytes(sharded_state.params) / mib
+    optimizer = partitioning.per_device_bytes(sharded_state.opt_state) / mib
+    return (f"Per device: parameters {params:,.1f} MiB + optimizer state {optimizer:,.1f} MiB "
+            f"= {params + optimizer:,.1f} MiB")

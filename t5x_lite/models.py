@@ -40,6 +40,11 @@ class T5Config:
     relative_attention_max_distance: int = 128
     dtype: Any = jnp.float32
     z_loss: float = 1e-4
+    # Memory: what each layer keeps for the backward pass (layers.REMAT_POLICIES), and whether
+    # the stacks run as one nn.scan over parameters stacked on a leading "layers" axis
+    # (compiles one layer instead of all of them; the parameter tree changes shape).
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
@@ -54,6 +59,9 @@ class T5Config:
             raise ValueError(f"T5Config.z_loss must be >= 0, got {self.z_loss}")
         if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"T5Config.dtype must be float32 or bfloat16, got {self.dtype}")
+        if self.remat_policy not in layers.REMAT_POLICIES:
+            raise ValueError(f"T5Config.remat_policy must be one of "
+                             f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
 
     def layer_config(self) -> layers.LayerConfig:
         return layers.LayerConfig(
@@ -80,10 +88,20 @@ class Transformer(nn.Module):
 
         self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
         self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
-        self.encoder_layers = [layers.EncoderLayer(layer_cfg, name=f"encoder_layer_{i}")
-                               for i in range(cfg.num_encoder_layers)]
-        self.decoder_layers = [layers.DecoderLayer(layer_cfg, name=f"decoder_layer_{i}")
-                               for i in range(cfg.num_decoder_layers)]
+        # `deterministic` is argument 3 of EncoderLayer and 5 of DecoderLayer (self is 0).
+        encoder_layer = layers.rematerialised(layers.EncoderLayer, cfg.remat_policy, 3,
+                                              cfg.scan_layers)
+        decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 5,
+                                              cfg.scan_layers)
+        if cfg.scan_layers:
+            # One module whose parameters carry a leading layers dimension.
+            self.encoder_layers = encoder_layer(layer_cfg, name="encoder_layers")
+            self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers")
+        else:
+            self.encoder_layers = [encoder_layer(layer_cfg, name=f"encoder_layer_{i}")
+                                   for i in range(cfg.num_encoder_layers)]
+            self.decoder_layers = [decoder_layer(layer_cfg, name=f"decoder_layer_{i}")
+                                   for i in range(cfg.num_decoder_layers)]
         self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
         self.decoder_norm = layers.rms_norm(layer_cfg, "decoder_norm")
         self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -103,9 +121,18 @@ class Transformer(nn.Module):
                      + layers.mask_to_bias(layers.attention_mask(
                          encoder_segment_ids, encoder_segment_ids, causal=False),
                          self.config.dtype))
-        for layer in self.encoder_layers:
-            x_BLD = layer(x_BLD, bias_BHLL, deterministic)
+        x_BLD = self._run_stack(self.encoder_layers, self.config.num_encoder_layers, x_BLD,
+                                bias_BHLL, deterministic)
         return self.dropout(self.encoder_norm(x_BLD), deterministic)
+
+    def _run_stack(self, stack, num_layers: int, x: jax.Array, *shared) -> jax.Array:
+        """Runs a layer stack on x; `shared` (biases, encoder output, deterministic) is the
+        same for every layer."""
+        if self.config.scan_layers:
+            return layers.scan_layers(stack, num_layers, x, *shared)
+        for layer in stack:
+            x = layer(x, *shared)
+        return x
 
     def decode(self, encoded_BLD: jax.Array, encoder_segment_ids: jax.Array,
                decoder_input_tokens: jax.Array, decoder_segment_ids: jax.Array,
@@ -119,8 +146,8 @@ class Transformer(nn.Module):
                               decoder_segment_ids, decoder_segment_ids, causal=True), cfg.dtype))
         cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
             decoder_segment_ids, encoder_segment_ids, causal=False), cfg.dtype)
-        for layer in self.decoder_layers:
-            y_BTD = layer(y_BTD, encoded_BLD, self_bias_BHTT, cross_bias_BHTL, deterministic)
+        y_BTD = self._run_stack(self.decoder_layers, cfg.num_decoder_layers, y_BTD, encoded_BLD,
+                                self_bias_BHTT, cross_bias_BHTL, deterministic)
         y_BTD = self.dropout(self.decoder_norm(y_BTD), deterministic)
         if cfg.tie_embeddings:
             # T5 v1.0 rescales before the tied projection (Mesh TensorFlow's convention).

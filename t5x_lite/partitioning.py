@@ -8,11 +8,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (or axes). Batches split over data and fsdp; parameters shard
 # their embed dimension over fsdp (ZeRO-3 style) and heads / mlp / vocab over tensor. With
-# fsdp = tensor = 1 this is plain data parallelism.
+# fsdp = tensor = 1 this is plain data parallelism. gin/partitioning/ holds named tables.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -22,33 +23,59 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("relpos_buckets", None),
+    ("layers", None),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape over all devices; one axis may be -1 to take the remaining devices."""
+    """Mesh shape over all devices (one axis may be -1 to take the remaining devices) and
+    the rule table mapping logical axis names to its axes."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
+    rules: tuple = LOGICAL_AXIS_RULES
 
     def __post_init__(self):
-        sizes = dataclasses.astuple(self)
+        sizes = self.sizes()
         if sum(size == -1 for size in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"MeshConfig sizes must be positive with at most one -1, got {self}")
+            raise ValueError(f"mesh sizes must be positive with at most one -1, got "
+                             f"{dict(zip(MESH_AXES, sizes))}")
+        # Gin writes lists; flax wants a tuple of (logical, mesh axis or tuple of them).
+        object.__setattr__(self, "rules", tuple(
+            (logical, tuple(mesh_axes) if isinstance(mesh_axes, list) else mesh_axes)
+            for logical, mesh_axes in self.rules))
+        for logical, mesh_axes in self.rules:
+            unknown = set(mesh_axes if isinstance(mesh_axes, (tuple, list)) else
+                          [mesh_axes]) - set(MESH_AXES) - {None}
+            if unknown:
+                raise ValueError(f"rule {logical!r} -> {mesh_axes!r} names unknown mesh axis "
+                                 f"{sorted(unknown)[0]!r}: mesh axes are {', '.join(MESH_AXES)}")
+
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, axis) for axis in MESH_AXES)
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
-        sizes = list(dataclasses.astuple(self))
+        sizes = list(self.sizes())
         known = int(np.prod([s for s in sizes if s != -1]))
+        described = ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"{num_devices} devices do not divide into the mesh {self}")
+                raise ValueError(f"mesh ({described}) cannot fill {num_devices} devices: the "
+                                 f"fixed axes multiply to {known}, which must divide it")
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
-            raise ValueError(f"mesh {self} needs {int(np.prod(sizes))} devices, "
-                             f"but {num_devices} are available")
+            raise ValueError(f"mesh ({described}) needs {int(np.prod(sizes))} devices, but "
+                             f"{num_devices} are available: set one axis to -1 or make the "
+                             "sizes multiply to the device count")
         return tuple(sizes)
+
+    def batch_divisor(self, num_devices: int) -> int:
+        """Devices the batch is split over (data x fsdp): the global batch must divide by it."""
+        shape = dict(zip(MESH_AXES, self.shape(num_devices)))
+        return int(np.prod([shape[axis] for axis in BATCH_AXES]))
 
 
 def create_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
@@ -58,7 +85,15 @@ def create_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on the mesh."""
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on the mesh; a logical axis
+    with no rule is an error naming it."""
+    known = {logical for logical, _ in rules}
+    for spec in jax.tree_util.tree_leaves(logical_specs,
+                                          is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        missing = [axis for axis in spec if axis is not None and axis not in known]
+        if missing:
+            raise ValueError(f"logical axis {missing[0]!r} has no partitioning rule: add "
+                             f"('{missing[0]}', None) or a mesh axis to MeshConfig.rules")
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
@@ -71,7 +106,7 @@ def with_shardings(abstract_tree, shardings):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split along their first (batch) dimension."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -83,3 +118,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh)
     return {name: jax.make_array_from_process_local_data(sharding, array)
             for name, array in local_batch.items()}
+
+
+def per_device_bytes(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs that carry shardings (the
+    largest shard of each leaf)."""
+    return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+               for leaf in jax.tree_util.tree_leaves(abstract_tree))

@@ -1,6 +1,8 @@
 """Pretraining entry point: python -m t5x_lite.train --gin_file=gin/quickstart.gin
 --gin.MODEL_DIR="'/tmp/run'" [--gin.TRAIN_STEPS=1000 ...]. Rerunning the same command resumes
-from the newest checkpoint in MODEL_DIR; a finished run says so and exits 0."""
+from the newest checkpoint in MODEL_DIR; a finished run says so and exits 0. Multi-host: every
+process runs the same command (scripts/launch_*.sh); process 0 alone prints and writes metrics,
+all of them save checkpoints together."""
 import dataclasses
 import os
 import sys
@@ -11,6 +13,7 @@ import gin
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from t5x_lite import checkpoints
 from t5x_lite import launch
@@ -80,7 +83,8 @@ def prepare_model_dir(model_dir: str) -> str:
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     try:
         os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, ".write_test")
+        # One probe per process: hosts sharing MODEL_DIR must not remove each other's.
+        probe = os.path.join(model_dir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -88,6 +92,12 @@ def prepare_model_dir(model_dir: str) -> str:
         raise launch.UsageError(f"MODEL_DIR {model_dir!r} cannot be written ({error.strerror}):"
                                 " pass --gin.MODEL_DIR=\"'/a/writable/dir'\"") from error
     return model_dir
+
+
+def say(line: str) -> None:
+    """Prints a console line from process 0 only, so a multi-host run logs once."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def check_vocabulary(model_config: models.T5Config, data: DataConfig) -> None:
@@ -102,26 +112,57 @@ def check_vocabulary(model_config: models.T5Config, data: DataConfig) -> None:
 def evaluate(eval_step: Callable, params, data: DataConfig, mesh, eval_steps: int | None
              ) -> dict[str, float]:
     """Token-weighted loss and accuracy over the validation split (or its first batches)."""
-    sums = []
-    for index, local in enumerate(data.batches("validation", shuffle=False, seed=0,
-                                               repeat=False)):
-        if eval_steps is not None and index >= eval_steps:
+    batches, sums = data.batches("validation", shuffle=False, seed=0, repeat=False), []
+    while eval_steps is None or len(sums) < eval_steps:
+        local = next(batches, None)
+        if not any_process(local is not None):
             break
+        if local is None:
+            # Hosts' shards of the split differ in length, and every host must join each
+            # step: one that has run out feeds all-zero rows, which carry zero loss weight.
+            local = zero_batch(data.task_feature_lengths, data.host_batch_size())
         sums.append(eval_step(params, partitioning.global_batch(local, mesh)))
     if not sums:
         raise ValueError(f"task {data.mixture_or_task_name!r} has an empty validation split")
     return trainer_lib.summarize_eval(jax.device_get(sums))
 
 
+def zero_batch(task_feature_lengths: dict, batch_size: int) -> dict[str, np.ndarray]:
+    lengths = {"encoder": task_feature_lengths["inputs"],
+               "decoder": task_feature_lengths["targets"]}
+    return {key: np.zeros((batch_size, lengths[key.split("_")[0]]), np.int32)
+            for key in pipeline.BATCH_KEYS}
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
                   optimizer: Callable[..., optax.GradientTransformation],
-                  mesh_config: partitioning.MeshConfig, seed: int) -> trainer_lib.Trainer:
+                  mesh_config: partitioning.MeshConfig, seed: int,
+                  num_microbatches: int = 1) -> trainer_lib.Trainer:
     mesh = partitioning.create_mesh(mesh_config)
     if not callable(learning_rate):
         learning_rate = optax.constant_schedule(learning_rate)
     return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
                                optimizer(learning_rate=learning_rate), learning_rate, mesh,
-                               dropout_seed=seed)
+                               dropout_seed=seed, rules=mesh_config.rules,
+                               num_microbatches=num_microbatches)
+
+
+def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
+                        num_microbatches: int) -> None:
+    """The global batch must split evenly over the batch's devices and the microbatches."""
+    divisor = mesh_config.batch_divisor(jax.device_count()) * num_microbatches
+    if data.batch_size % divisor:
+        raise ValueError(
+            f"BATCH_SIZE {data.batch_size} does not divide over data x fsdp = "
+            f"{mesh_config.batch_divisor(jax.device_count())} devices x num_microbatches = "
+            f"{num_microbatches}: use a multiple of {divisor}")
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int
@@ -129,16 +170,17 @@ def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int
     state = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
     if state is None:
         return trainer.init_state(seed)
-    print(f"Resuming from checkpoint at step {int(state.step)}.", flush=True)
+    say(f"Resuming from checkpoint at step {int(state.step)}.")
     return state
 
 
 class Progress:
-    """A tqdm bar when stdout is a terminal; plain lines otherwise."""
+    """A tqdm bar when stdout is a terminal; plain lines otherwise; silent off process 0."""
 
     def __init__(self, start: int, total: int):
         self._bar = None
-        if sys.stdout.isatty():
+        self._quiet = jax.process_index() != 0
+        if sys.stdout.isatty() and not self._quiet:
             import tqdm
             self._bar = tqdm.tqdm(initial=start, total=total, unit="step", dynamic_ncols=True)
 
@@ -149,7 +191,7 @@ class Progress:
     def print(self, line: str) -> None:
         if self._bar is not None:
             self._bar.write(line)
-        else:
+        elif not self._quiet:
             print(line, flush=True)
 
     def close(self) -> None:
@@ -161,21 +203,28 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
         loop: LoopConfig = gin.REQUIRED,
         learning_rate: optax.ScalarOrSchedule = optimizers.rsqrt_schedule(),
         optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
-        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> None:
-    """Trains until loop.train_steps, evaluating and checkpointing on the way."""
+        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
+        num_microbatches: int = 1) -> None:
+    """Trains until loop.train_steps, evaluating and checkpointing on the way. With
+    `num_microbatches` > 1 each step accumulates gradients over that many slices of the
+    batch (the same update, a fraction of the activation memory)."""
+    check_batch_divides(data, mesh_config, num_microbatches)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
-    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed)
-    print(metrics_io.parameter_table(trainer.abstract_state.params), flush=True)
+    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
+                            num_microbatches)
+    sharded_state = trainer.sharded_abstract_state()
+    say(metrics_io.parameter_table(sharded_state.params, trainer.model.logical_axes()))
+    say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
     state = restore_or_init(trainer, manager, loop.seed)
     start_step = int(state.step)
     if start_step >= loop.train_steps:
-        print(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
-              f"{loop.train_steps} in {model_dir}.", flush=True)
+        say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
+            f"{loop.train_steps} in {model_dir}.")
         return
     train_loop(trainer, state, manager, data, loop, model_dir)
 
@@ -190,7 +239,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     lengths = data.task_feature_lengths
     tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
     if start_step == 0:
-        report_eval(writer, eval_step, state, data, trainer.mesh, loop, print)
+        report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
     progress = Progress(start_step, loop.train_steps)
     pending, period_start, timed_from = [], time.perf_counter(), None
     paused = 0.0  # Seconds of this logging period spent evaluating or checkpointing.
@@ -224,8 +273,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
         paused += time.perf_counter() - pause_start
     progress.close()
     manager.wait_until_finished()
-    print(f"Finished at step {loop.train_steps}; checkpoints in "
-          f"{checkpoints.checkpoint_dir(model_dir)}", flush=True)
+    say(f"Finished at step {loop.train_steps}; checkpoints in "
+        f"{checkpoints.checkpoint_dir(model_dir)}")
 
 
 def report_eval(writer: metrics_io.MetricsWriter, eval_step: Callable,

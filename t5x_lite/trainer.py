@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_lite import models
 from t5x_lite import partitioning
@@ -30,7 +30,10 @@ class Trainer:
 
     `learning_rate` is the schedule inside `optimizer`, kept to report the rate per step.
     Dropout randomness is derived from `dropout_seed` and the step, so a resumed run draws
-    the same masks as an uninterrupted one.
+    the same masks as an uninterrupted one. `rules` map the model's logical axis names to
+    mesh axes. With `num_microbatches` > 1 each step accumulates the gradients of that many
+    slices of the batch (one slice's activations in memory at a time) and applies one update
+    equal to the full batch's.
     """
 
     model: models.EncoderDecoderModel
@@ -38,28 +41,24 @@ class Trainer:
     learning_rate: Callable[[jax.Array], jax.Array]
     mesh: Mesh
     dropout_seed: int = 0
+    rules: tuple = partitioning.LOGICAL_AXIS_RULES
+    num_microbatches: int = 1
+
+    def __post_init__(self):
+        if self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
 
     def _in_mesh(self):
-        return mesh_context(self.mesh)
+        return mesh_context(self.mesh, self.rules)
 
     @functools.cached_property
     def state_shardings(self) -> TrainState:
         """NamedShardings of every leaf of the TrainState, derived from logical axis names
-        (worked out once per Trainer)."""
-        abstract = self.abstract_state
-        # Optimizer leaves that mirror a parameter's shape take its sharding (parameters of
-        # equal shape here also share logical axes); factored Adafactor statistics and
-        # scalars are small and stay replicated.
-        shardings = param_shardings(self.model, self.mesh)
-        shape_to_sharding = {}
-        for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract.params),
-                                  jax.tree_util.tree_leaves(shardings)):
-            shape_to_sharding.setdefault(leaf.shape, sharding)
-        replicated = partitioning.replicated(self.mesh)
-        opt_shardings = jax.tree_util.tree_map(
-            lambda leaf: shape_to_sharding.get(leaf.shape, replicated)
-            if leaf.ndim > 1 else replicated, abstract.opt_state)
-        return TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
+        (worked out once per Trainer). Optimizer state follows its parameter's sharding."""
+        shardings = param_shardings(self.model, self.mesh, self.rules)
+        return TrainState(step=partitioning.replicated(self.mesh), params=shardings,
+                          opt_state=optimizer_state_shardings(
+                              self.optimizer, self.abstract_state.params, shardings))
 
     def _init_state(self, rng: jax.Array) -> TrainState:
         params = self.model.init(rng)
@@ -79,19 +78,49 @@ class Trainer:
             init = jax.jit(self._init_state, out_shardings=self.state_shardings)
             return init(jax.random.key(seed))
 
+    def _summed_loss_grads(self, params, batch: models.Batch, dropout_rng: jax.Array
+                           ) -> tuple[dict[str, jax.Array], Any]:
+        """Loss sums and the gradient of the summed (not averaged) loss."""
+        def summed_loss(params):
+            sums = self.model.loss_sums(params, batch, dropout_rng)
+            return sums["loss"], sums
+
+        (_, sums), grads = jax.value_and_grad(summed_loss, has_aux=True)(params)
+        return sums, grads
+
+    def _accumulated_grads(self, params, batch: models.Batch, dropout_rng: jax.Array
+                           ) -> tuple[dict[str, jax.Array], Any]:
+        """`_summed_loss_grads` over `num_microbatches` slices, summed. Slice i holds rows
+        i, i + M, i + 2M, ... so every slice stays spread over the batch's devices."""
+        count = self.num_microbatches
+        if count == 1:
+            return self._summed_loss_grads(params, batch, dropout_rng)
+        slices = {key: value.reshape(value.shape[0] // count, count, *value.shape[1:])
+                  .swapaxes(0, 1) for key, value in batch.items()}
+
+        def add_slice(totals, index_and_slice):
+            index, microbatch = index_and_slice
+            sums, grads = self._summed_loss_grads(
+                params, microbatch, jax.random.fold_in(dropout_rng, index))
+            return jax.tree_util.tree_map(jnp.add, totals, (sums, grads)), None
+
+        zeros = jax.tree_util.tree_map(
+            jnp.zeros_like, jax.eval_shape(self._summed_loss_grads, params,
+                                           jax.tree_util.tree_map(lambda x: x[0], slices),
+                                           dropout_rng))
+        totals, _ = jax.lax.scan(add_slice, zeros, (jnp.arange(count), slices))
+        return totals
+
     def _train_step(self, state: TrainState, batch: models.Batch
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
         dropout_rng = jax.random.fold_in(jax.random.key(self.dropout_seed), state.step)
-
-        def loss_fn(params):
-            return self.model.loss(params, batch, dropout_rng)
-
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        sums, summed_grads = self._accumulated_grads(state.params, batch, dropout_rng)
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / weight, summed_grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        weight = jnp.maximum(sums["weight"], 1.0)
         metrics = {
-            "loss": loss,
+            "loss": sums["loss"] / weight,
             "z_loss": sums["z_loss"] / weight,
             "accuracy": sums["correct"] / weight,
             "target_tokens": sums["weight"],
@@ -109,36 +138,61 @@ class Trainer:
         return self._wrap(step)
 
     def compile_eval_step(self) -> Callable:
-        return compile_eval_step(self.model, self.mesh, self.state_shardings.params)
+        return compile_eval_step(self.model, self.mesh, self.state_shardings.params, self.rules)
 
     def _wrap(self, compiled: Callable) -> Callable:
-        return in_mesh(compiled, self.mesh)
+        return in_mesh(compiled, self.mesh, self.rules)
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh):
+def mesh_context(mesh: Mesh, rules=partitioning.LOGICAL_AXIS_RULES):
     """Enters the mesh and the logical axis rules that activation constraints read."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 
-def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+def in_mesh(fn: Callable, mesh: Mesh, rules=partitioning.LOGICAL_AXIS_RULES) -> Callable:
     def run(*args, **kwargs):
-        with mesh_context(mesh):
+        with mesh_context(mesh, rules):
             return fn(*args, **kwargs)
     return run
 
 
-def param_shardings(model: models.EncoderDecoderModel, mesh: Mesh):
-    return partitioning.logical_to_sharding(model.logical_axes(), mesh)
+def param_shardings(model: models.EncoderDecoderModel, mesh: Mesh,
+                    rules=partitioning.LOGICAL_AXIS_RULES):
+    return partitioning.logical_to_sharding(model.logical_axes(), mesh, rules)
 
 
-def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings) -> Callable:
+def _sharding_for_statistic(leaf, param, sharding: NamedSharding) -> NamedSharding:
+    """A parameter's sharding adapted to an optimizer statistic of that parameter: the same
+    for a full-shape moment; the spec minus the reduced axis for a factored (Adafactor) row
+    or column moment; replicated for anything else (scalars, placeholders)."""
+    spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+    if leaf.shape == param.shape:
+        return sharding
+    for axis in range(param.ndim):
+        if leaf.shape == param.shape[:axis] + param.shape[axis + 1:]:
+            return NamedSharding(sharding.mesh, PartitionSpec(*spec[:axis], *spec[axis + 1:]))
+    return partitioning.replicated(sharding.mesh)
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_params,
+                              shardings):
+    """NamedShardings for `optimizer`'s state that follow the parameters' shardings."""
+    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    mesh = jax.tree_util.tree_leaves(shardings)[0].mesh
+    return optax.tree_map_params(
+        optimizer, _sharding_for_statistic, abstract_state, abstract_params, shardings,
+        transform_non_params=lambda _: partitioning.replicated(mesh))
+
+
+def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,
+                      rules=partitioning.LOGICAL_AXIS_RULES) -> Callable:
     """Returns fn(params, batch) -> summed loss / z_loss / correct / weight over the batch."""
     step = jax.jit(lambda params, batch: model.loss_sums(params, batch),
                    in_shardings=(shardings, partitioning.batch_sharding(mesh)),
                    out_shardings=partitioning.replicated(mesh))
-    return in_mesh(step, mesh)
+    return in_mesh(step, mesh, rules)
 
 
 def summarize_eval(sums: list[dict[str, jax.Array]]) -> dict[str, float]:

@@ -63,3 +63,31 @@ def test_bad_input_is_one_error_line(args, expected):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_state_bytes_shrink_with_fsdp_on_eight_devices():
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "state", "--preset", "t5_1_1_tiny", "--json"], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    rows = {row["rules"]: row for row in json_rows(result)}
+    assert set(rows) == {"data", "fsdp", "fsdp_tensor"}
+    assert rows["fsdp"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    # Everything but the small relative-position tables and counters is split 8 ways.
+    assert 0.125 <= rows["fsdp"]["ratio_to_data"] < 0.14
+    assert 0.125 <= rows["fsdp_tensor"]["ratio_to_data"] < 0.14
+    for row in rows.values():
+        np.testing.assert_allclose(
+            row["total_mib"], (row["parameter_bytes"] + row["optimizer_bytes"]) / 2**20)
+
+
+def test_remat_rows_are_ratios_to_no_remat():
+    rows = json_rows(run_benchmark("remat", "--preset", "t5_1_1_tiny", "--batch", "2",
+                                   "--inputs", "16", "--targets", "8", "--steps", "2",
+                                   "--warmup", "1", "--scan", "--json"))
+    assert [row["remat_policy"] for row in rows] == ["none", "minimal", "full"]
+    assert all(row["scan_layers"] for row in rows)
+    for row in rows:
+        np.testing.assert_allclose(row["time_ratio_to_none"],
+                                   row["step_seconds"] / rows[0]["step_seconds"], rtol=1e-9)
