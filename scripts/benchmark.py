@@ -128,7 +128,7 @@ def model_config_of(preset: str, **overrides):
         config = gin.get_configurable(models.T5Config)()
     finally:
         gin.clear_config()
-    return dataclasses.replace(config, **{"dtype": jnp.float32, **overrides})
+    return dataclasses.replace(config, **{"activation_dtype": jnp.float32, **overrides})
 
 
 def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) -> dict:

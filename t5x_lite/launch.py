@@ -126,7 +126,8 @@ from t5x_lite import optimizers
 from t5x_lite import partitioning
 from t5x_lite.data import objectives
 from t5x_lite.data import tasks
-from t5x_lite.data import vocab"""
+from t5x_lite.data import vocab
+import t5x_lite.train"""
 
 
 def resolve_gin_file(path: str) -> str:

@@ -38,7 +38,7 @@ class T5Config:
     dropout_rate: float = 0.0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    dtype: Any = jnp.float32
+    activation_dtype: Any = jnp.float32  # float32 or bfloat16; parameters stay float32.
     z_loss: float = 1e-4
     # Memory: what each layer keeps for the backward pass (layers.REMAT_POLICIES), and whether
     # the stacks run as one nn.scan over parameters stacked on a leading "layers" axis
@@ -57,8 +57,10 @@ class T5Config:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.z_loss < 0:
             raise ValueError(f"T5Config.z_loss must be >= 0, got {self.z_loss}")
-        if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"T5Config.dtype must be float32 or bfloat16, got {self.dtype}")
+        if jnp.dtype(self.activation_dtype) not in (jnp.dtype(jnp.float32),
+                                                    jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"T5Config.activation_dtype must be float32 or bfloat16, got "
+                             f"{self.activation_dtype}")
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy must be one of "
                              f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
@@ -67,7 +69,7 @@ class T5Config:
         return layers.LayerConfig(
             d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
             d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
-            dropout_rate=self.dropout_rate, dtype=self.dtype)
+            dropout_rate=self.dropout_rate, dtype=self.activation_dtype)
 
 
 class Transformer(nn.Module):
@@ -78,13 +80,13 @@ class Transformer(nn.Module):
     def setup(self):
         cfg, layer_cfg = self.config, self.config.layer_config()
         self.token_embedder = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+            cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
             embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
 
         def relative_bias(bidirectional: bool, name: str) -> layers.RelativePositionBias:
             return layers.RelativePositionBias(
                 cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                cfg.num_heads, bidirectional, cfg.dtype, name=name)
+                cfg.num_heads, bidirectional, cfg.activation_dtype, name=name)
 
         self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
         self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
@@ -107,7 +109,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         if not cfg.tie_embeddings:
             self.logits_dense = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="logits_dense",
+                cfg.vocab_size, use_bias=False, dtype=cfg.activation_dtype, name="logits_dense",
                 kernel_init=layers.partitioned(
                     nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                     ("embed", "vocab")))
@@ -120,7 +122,7 @@ class Transformer(nn.Module):
         bias_BHLL = (self.encoder_relative_bias(length, length)
                      + layers.mask_to_bias(layers.attention_mask(
                          encoder_segment_ids, encoder_segment_ids, causal=False),
-                         self.config.dtype))
+                         self.config.activation_dtype))
         x_BLD = self._run_stack(self.encoder_layers, self.config.num_encoder_layers, x_BLD,
                                 bias_BHLL, deterministic)
         return self.dropout(self.encoder_norm(x_BLD), deterministic)
@@ -139,13 +141,14 @@ class Transformer(nn.Module):
                deterministic: bool = True) -> jax.Array:
         """Returns float32 logits [B, T, V] for every decoder position."""
         cfg = self.config
+        dtype = cfg.activation_dtype
         y_BTD = self.dropout(self.token_embedder(decoder_input_tokens), deterministic)
         length = decoder_input_tokens.shape[1]
         self_bias_BHTT = (self.decoder_relative_bias(length, length)
                           + layers.mask_to_bias(layers.attention_mask(
-                              decoder_segment_ids, decoder_segment_ids, causal=True), cfg.dtype))
+                              decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
         cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
-            decoder_segment_ids, encoder_segment_ids, causal=False), cfg.dtype)
+            decoder_segment_ids, encoder_segment_ids, causal=False), dtype)
         y_BTD = self._run_stack(self.decoder_layers, cfg.num_decoder_layers, y_BTD, encoded_BLD,
                                 self_bias_BHTT, cross_bias_BHTL, deterministic)
         y_BTD = self.dropout(self.decoder_norm(y_BTD), deterministic)

@@ -125,7 +125,7 @@ def test_bfloat16_activations_track_float32(policy, scan):
     # Against float32 without remat: remat itself is exact (test_remat_equals_no_remat).
     loss, _ = baseline(scan, dropout=False)
     config = dataclasses.replace(CONFIG, remat_policy=policy, scan_layers=scan,
-                                 dtype=jnp.bfloat16)
+                                 activation_dtype=jnp.bfloat16)
     bf16_loss, bf16_grads = loss_and_grads(config, params_for(config))
     assert np.isfinite(float(bf16_loss))
     np.testing.assert_allclose(float(bf16_loss), float(loss), rtol=2e-2)
