@@ -6,6 +6,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -30,16 +31,25 @@ LOGICAL_AXIS_RULES = (
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh shape over all devices (one axis may be -1 to take the remaining devices) and
-    the rule table mapping logical axis names to its axes."""
+    the rule table mapping logical axis names to its axes.
+
+    With `dcn_data` > 1 the devices form that many slices (TPU slices, or processes where
+    devices name no slice) joined by the slower data-center network: the sizes above describe
+    one slice, and the data axis spans the slices too (data x dcn_data in all), so only
+    data-parallel gradient reductions cross the slow links.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
     rules: tuple = LOGICAL_AXIS_RULES
+    dcn_data: int = 1
 
     def __post_init__(self):
         sizes = self.sizes()
+        if self.dcn_data < 1:
+            raise ValueError(f"dcn_data must be >= 1, got {self.dcn_data}")
         if sum(size == -1 for size in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ValueError(f"mesh sizes must be positive with at most one -1, got "
                              f"{dict(zip(MESH_AXES, sizes))}")
@@ -57,20 +67,29 @@ class MeshConfig:
     def sizes(self) -> tuple[int, ...]:
         return tuple(getattr(self, axis) for axis in MESH_AXES)
 
-    def shape(self, num_devices: int) -> tuple[int, ...]:
+    def slice_shape(self, devices_per_slice: int) -> tuple[int, ...]:
+        """The sizes of one slice's mesh, with -1 filled in."""
         sizes = list(self.sizes())
         known = int(np.prod([s for s in sizes if s != -1]))
         described = ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
         if -1 in sizes:
-            if num_devices % known:
-                raise ValueError(f"mesh ({described}) cannot fill {num_devices} devices: the "
-                                 f"fixed axes multiply to {known}, which must divide it")
-            sizes[sizes.index(-1)] = num_devices // known
-        if int(np.prod(sizes)) != num_devices:
+            if devices_per_slice % known:
+                raise ValueError(f"mesh ({described}) cannot fill {devices_per_slice} devices: "
+                                 f"the fixed axes multiply to {known}, which must divide it")
+            sizes[sizes.index(-1)] = devices_per_slice // known
+        if int(np.prod(sizes)) != devices_per_slice:
             raise ValueError(f"mesh ({described}) needs {int(np.prod(sizes))} devices, but "
-                             f"{num_devices} are available: set one axis to -1 or make the "
-                             "sizes multiply to the device count")
+                             f"{devices_per_slice} are available: set one axis to -1 or make "
+                             "the sizes multiply to the device count")
         return tuple(sizes)
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        """The whole mesh's sizes: one slice's, with data multiplied by dcn_data."""
+        if num_devices % self.dcn_data:
+            raise ValueError(f"{num_devices} devices do not split into dcn_data = "
+                             f"{self.dcn_data} slices")
+        data, *rest = self.slice_shape(num_devices // self.dcn_data)
+        return (data * self.dcn_data, *rest)
 
     def batch_divisor(self, num_devices: int) -> int:
         """Devices the batch is split over (data x fsdp): the global batch must divide by it."""
@@ -81,7 +100,19 @@ class MeshConfig:
 def create_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = config.shape(len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if config.dcn_data == 1:
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    slice_shape = config.slice_shape(len(devices) // config.dcn_data)
+    # Slices where the platform names them (TPU), otherwise processes (CPU and GPU hosts).
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    processes = len({device.process_index for device in devices})
+    if config.dcn_data not in (slices, processes):
+        raise ValueError(f"dcn_data = {config.dcn_data}, but the devices form {slices} "
+                         f"slice(s) in {processes} process(es): set dcn_data to one of these")
+    by_process = slices != config.dcn_data
+    return Mesh(mesh_utils.create_hybrid_device_mesh(
+        slice_shape, (config.dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices,
+        process_is_granule=by_process), MESH_AXES)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):

@@ -124,7 +124,9 @@ def run_two_hosts(tmp_path) -> list[str]:
     """Both processes' stdout, after they train and checkpoint together. One failing stops
     the other, which would otherwise wait for its partner until the timeout."""
     address = f"127.0.0.1:{free_port()}"
-    flags = train_flags(tmp_path, "two_hosts")
+    # Each process stands for a slice: the data axis spans both over the (here local) DCN.
+    flags = [*train_flags(tmp_path, "two_hosts"),
+             "--gin_bindings=partitioning.MeshConfig.dcn_data = 2"]
     logs = [(tmp_path / f"process_{i}.out", tmp_path / f"process_{i}.err") for i in range(2)]
     processes = []
     for index, (out, err) in enumerate(logs):
@@ -167,6 +169,7 @@ def test_two_hosts_match_one_host_and_checkpoint_restores_anywhere(tmp_path):
     # Process 0 alone speaks and writes metrics; each process read its own shard, the same
     # rows the reference read for that shard.
     assert "Process 0 of 2: 4 local devices, 8 devices in all" in host_outputs[0]
+    assert "Mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}." in host_outputs[0]
     assert f"Finished at step {STEPS}" in host_outputs[0]
     assert "Process" not in host_outputs[1] and "step" not in host_outputs[1]
     shards = {**first_batches(host_outputs[0]), **first_batches(host_outputs[1])}

@@ -160,10 +160,23 @@ def test_adafactor_factored_moments_follow_their_parameter():
                    "available"),
     (dict(data=-1, fsdp=-1), "at most one -1"),
     (dict(rules=[("batch", "pipeline")]), "names unknown mesh axis 'pipeline'"),
+    (dict(dcn_data=2), "1 devices do not split into dcn_data = 2 slices"),
 ])
 def test_bad_mesh_is_one_line(config, message):
     with pytest.raises(ValueError, match=message):
         partitioning.create_mesh(partitioning.MeshConfig(**config), jax.devices()[:1])
+
+
+def test_dcn_slices_must_match_the_processes():
+    # One process of 8 devices forms a single slice; two processes are tested in
+    # multihost_test (dcn_data = 2 there).
+    if len(jax.devices()) < 2:
+        devices = jax.devices() * 2  # The check reads process indices only.
+    else:
+        devices = jax.devices()[:2]
+    with pytest.raises(ValueError, match="dcn_data = 2, but the devices form 1 slice\\(s\\) "
+                                         "in 1 process\\(es\\): set dcn_data to one"):
+        partitioning.create_mesh(partitioning.MeshConfig(dcn_data=2), devices)
 
 
 def test_logical_axis_without_a_rule_is_named():
