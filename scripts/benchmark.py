@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # TensorFlow and JAX are imported inside the functions that use them: spawn re-imports this
 # module in each input child, which must pin its cores before TensorFlow loads.
-from t5x_lite import launch  # noqa: E402  (light: gin and absl, no TensorFlow or JAX)
+from t5x_lite import launch  # noqa: E402  (gin, absl and jax; no TensorFlow yet)
 
 REQUIRED_INPUT_RATIO = 5.0  # The input pipeline must outpace the train step this many times.
 DEFAULT_TASKS = "stdlib_span_corruption,stdlib_ul2,stdlib_prefix_lm,stdlib_bart"
