@@ -6,6 +6,7 @@
   python scripts/benchmark.py remat --preset t5_1_1_small --scan
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python scripts/benchmark.py state --preset t5_1_1_small   # 8 CPU devices stand in
+  python scripts/benchmark.py moe --preset switch_tiny --batch 8 --inputs 512 --targets 114
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -25,6 +26,13 @@ Figures (each measured in the run that prints it; add --json for one JSON object
   state  parameter_bytes, optimizer_bytes   what one device holds under each rule table of
                               gin/partitioning/ (from the shardings; nothing is allocated)
          ratio_to_data        that total / the data-parallel total
+  moe    the train figures of an MoE preset and of its dense counterpart (same widths), plus
+         parameters, active_parameters   all parameters, and those one token passes through
+                              (each sparse MLP counted as its K chosen experts and its router)
+         dispatch_overhead    MoE step_seconds / dense step_seconds: with top-1 routing the
+                              two do equal work per token, so this is the cost of routing,
+                              dispatch and combine (and of the tokens dropped for capacity);
+                              the einsum dispatch grows with group_size (--group-size)
 """
 import argparse
 import dataclasses
@@ -206,6 +214,51 @@ def run_remat(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# Each MoE preset's dense model: the same widths and layers, dense MLPs everywhere.
+DENSE_COUNTERPARTS = {"switch_tiny": "t5_1_1_tiny", "st_moe_tiny": "t5_1_1_tiny",
+                      "switch_base": "t5_1_0_base", "st_moe_base": "t5_1_1_base"}
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(all parameters, parameters one token passes through): an expert kernel counts
+    num_selected / num_experts of itself (tokens choose; experts choose: capacity decides)."""
+    import jax
+    import numpy as np
+    from t5x_lite import models
+
+    shapes = jax.eval_shape(models.EncoderDecoderModel(config).init, jax.random.key(0))
+    total = active = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+        count = int(np.prod(leaf.shape))
+        total += count
+        if any(getattr(key, "key", None) == "experts" for key in path):
+            count = count * config.moe.num_selected // config.moe.num_experts
+        active += count
+    return total, active
+
+
+def run_moe(args: argparse.Namespace) -> list[dict]:
+    """An MoE preset's train step next to its dense counterpart's, measured in this run."""
+    if args.preset not in DENSE_COUNTERPARTS:
+        raise launch.UsageError(f"--preset {args.preset!r} is not an MoE preset: choose one of "
+                                f"{', '.join(DENSE_COUNTERPARTS)}")
+    rows = []
+    for preset in (DENSE_COUNTERPARTS[args.preset], args.preset):
+        config, overrides = model_config_of(preset), {}
+        if config.moe and args.group_size:
+            overrides["moe"] = dataclasses.replace(config.moe, group_size=args.group_size)
+        row = measure_train(preset, args.batch, args.inputs, args.targets, args.steps,
+                            args.warmup, **overrides)
+        row.pop("moe", None)
+        row["what"] = "moe"
+        row["group_size"] = (overrides.get("moe") or config.moe).group_size if config.moe else ""
+        row["parameters"], row["active_parameters"] = parameter_counts(config)
+        rows.append(row)
+    for row in rows:
+        row["dispatch_overhead"] = row["step_seconds"] / rows[0]["step_seconds"]
+    return rows
+
+
 RULE_TABLES = ("data", "fsdp", "fsdp_tensor")
 
 
@@ -352,6 +405,17 @@ def build_parser() -> ArgumentParser:
     remat_parser.add_argument("--steps", type=int_at_least(1), default=TRAIN_STEPS)
     remat_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS)
     remat_parser.set_defaults(run=run_remat)
+
+    moe_parser = commands.add_parser(
+        "moe", help="an MoE preset's train step next to its dense counterpart's")
+    moe_parser.add_argument("--preset", default="switch_tiny",
+                            help=f"one of {', '.join(DENSE_COUNTERPARTS)}")
+    add_sizes(moe_parser)
+    moe_parser.add_argument("--group-size", type=int_at_least(1), default=None,
+                            help="tokens per routing group (default: the preset's)")
+    moe_parser.add_argument("--steps", type=int_at_least(1), default=TRAIN_STEPS)
+    moe_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS)
+    moe_parser.set_defaults(run=run_moe)
 
     state_parser = commands.add_parser(
         "state", help="per-device parameter + optimizer bytes under each rule table")

@@ -49,12 +49,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.Train
                               opt_state=restored["opt_state"])
 
 
-def restore_params(manager: ocp.CheckpointManager, abstract_params) -> tuple[int, object]:
-    """(step, params) of the newest checkpoint; raises FileNotFoundError when there is none."""
+def latest_step(manager: ocp.CheckpointManager) -> int:
+    """The newest checkpoint's step; raises FileNotFoundError when there is none."""
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first, or point "
                                 "MODEL_DIR at a directory holding checkpoints/<step>/")
+    return step
+
+
+def params_metadata(manager: ocp.CheckpointManager) -> tuple[int, object]:
+    """(step, tree of ArrayMetadata with .shape and .dtype) of the newest checkpoint's
+    parameters, read from its metadata alone, for restoring a model whose config is unknown."""
+    step = latest_step(manager)
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(str(manager.directory), str(step), "params"))
+    return step, metadata.item_metadata.tree
+
+
+def restore_params(manager: ocp.CheckpointManager, abstract_params) -> tuple[int, object]:
+    """(step, params) of the newest checkpoint; raises FileNotFoundError when there is none."""
+    step = latest_step(manager)
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params)))
     return step, restored["params"]

@@ -14,6 +14,7 @@ from t5x_lite import checkpoints
 from t5x_lite import launch
 from t5x_lite import metrics_io
 from t5x_lite import models
+from t5x_lite import moe
 from t5x_lite import partitioning
 from t5x_lite import train
 from t5x_lite import trainer as trainer_lib
@@ -63,6 +64,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
         model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> dict[str, float]:
     mesh = partitioning.create_mesh(mesh_config)
+    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     rules = mesh_config.rules
     model, step, params = restore_model(model_config, model_dir, mesh, rules)
     # After the restore, so a missing checkpoint is reported before any vocabulary training.
@@ -73,6 +75,8 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     train.say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
               f"token accuracy {scores['accuracy']:.4f}  "
               f"({scores['target_tokens']:,.0f} target tokens)")
+    for line in metrics_io.format_moe_lines(scores):
+        train.say(line)
     metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
     for index, (masked, predicted, truth) in enumerate(
             infillings(model, params, data, mesh, rules, num_infillings)):

@@ -122,6 +122,7 @@ def start_distributed(settings: dict | None) -> None:
 # lets --gin.MIXTURE_OR_TASK_NAME=@tasks.register_task() name project functions.
 BINDINGS_PREAMBLE = """from __gin__ import dynamic_registration
 from t5x_lite import models
+from t5x_lite import moe
 from t5x_lite import optimizers
 from t5x_lite import partitioning
 from t5x_lite.data import objectives

@@ -149,28 +149,46 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Feed-forward block: gated (T5 v1.1, act(x W0) * (x W1)) or plain (T5 v1.0, act(x W))."""
+    """Feed-forward block: gated (T5 v1.1, act(x W0) * (x W1)) or plain (T5 v1.0, act(x W)).
+
+    With `num_experts` > 0 it is that many independent MLPs applied to expert inputs
+    [E, G, C, D] (moe.SparseMlp's experts): each kernel gains a leading expert dimension.
+    `valid_BT` is accepted so that dense and sparse MLPs are called alike; a dense MLP
+    treats every token the same.
+    """
 
     config: LayerConfig
+    num_experts: int = 0
 
     @nn.compact
-    def __call__(self, inputs_BTD: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, inputs: jax.Array, deterministic: bool,
+                 valid_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-        def dense(features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
-            return nn.Dense(features, use_bias=False, name=name, dtype=cfg.dtype,
-                            kernel_init=partitioned(init, axes))
-
-        if cfg.gated_mlp:
-            hidden_BTF = (cfg.activation(dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(inputs_BTD))
-                          * dense(cfg.d_ff, "wi_1", ("embed", "mlp"))(inputs_BTD))
+        if self.num_experts:
+            lead, kernel_lead, kernel_shape = "EGC", "E", (self.num_experts,)
+            lead_axes, kernel_axes = ("expert", "expert_group", None), ("expert",)
         else:
-            hidden_BTF = cfg.activation(dense(cfg.d_ff, "wi", ("embed", "mlp"))(inputs_BTD))
-        hidden_BTF = constrain(hidden_BTF, ("batch", "length", "mlp"))
-        hidden_BTF = nn.Dropout(cfg.dropout_rate)(hidden_BTF, deterministic=deterministic)
-        output_BTD = dense(cfg.d_model, "wo", ("mlp", "embed"))(hidden_BTF)
-        return constrain(output_BTD, ("batch", "length", "embed"))
+            lead, kernel_lead, kernel_shape, lead_axes, kernel_axes = "BT", "", (), (
+                "batch", "length"), ()
+        # fan_in is the input width alone: every expert starts like a dense MLP.
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                batch_axis=(0,) if self.num_experts else ())
+
+        def dense(shape: tuple[int, int], name: str, axes: tuple[str, str]) -> nn.Einsum:
+            return nn.Einsum(kernel_shape + shape, f"{lead}X,{kernel_lead}XY->{lead}Y",
+                             use_bias=False, name=name, dtype=cfg.dtype,
+                             kernel_init=partitioned(init, kernel_axes + axes))
+
+        up = (cfg.d_model, cfg.d_ff)
+        if cfg.gated_mlp:
+            hidden = (cfg.activation(dense(up, "wi_0", ("embed", "mlp"))(inputs))
+                      * dense(up, "wi_1", ("embed", "mlp"))(inputs))
+        else:
+            hidden = cfg.activation(dense(up, "wi", ("embed", "mlp"))(inputs))
+        hidden = constrain(hidden, lead_axes + ("mlp",))
+        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+        output = dense((cfg.d_ff, cfg.d_model), "wo", ("mlp", "embed"))(hidden)
+        return constrain(output, lead_axes + ("embed",))
 
 
 def rms_norm(config: LayerConfig, name: str | None = None) -> nn.RMSNorm:
@@ -180,28 +198,54 @@ def rms_norm(config: LayerConfig, name: str | None = None) -> nn.RMSNorm:
                       scale_init=partitioned(nn.initializers.ones, ("embed",)))
 
 
+def feed_forward(x_BTD: jax.Array, valid_BT: jax.Array, deterministic: bool,
+                 config: LayerConfig, mlp_block: Callable[..., nn.Module],
+                 extra_dense_mlp: bool) -> jax.Array:
+    """The MLP sublayer(s) of a layer, pre-norm and residual: `mlp_block` (Mlp, or a sparse
+    MLP from moe.py), after one more dense MLP when `extra_dense_mlp` (ST-MoE). Call from
+    within a compact method: the submodules belong to the calling layer."""
+    dropout = nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))
+    if extra_dense_mlp:
+        normed_BTD = rms_norm(config, "pre_extra_mlp_norm")(x_BTD)
+        x_BTD = x_BTD + dropout(Mlp(config, name="extra_mlp")(normed_BTD, deterministic),
+                                deterministic)
+    normed_BTD = rms_norm(config, "pre_mlp_norm")(x_BTD)
+    return x_BTD + dropout(mlp_block(config, name="mlp")(normed_BTD, deterministic, valid_BT),
+                           deterministic)
+
+
 class EncoderLayer(nn.Module):
+    """Self-attention then MLP. `valid_BL` marks real (non-padding) tokens for sparse MLPs."""
+
     config: LayerConfig
+    mlp_block: Callable[..., nn.Module] = Mlp
+    extra_dense_mlp: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, valid_BL: jax.Array,
+                 deterministic: bool) -> jax.Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BLD = rms_norm(cfg, "pre_attention_norm")(x_BLD)
         x_BLD = x_BLD + dropout(
             MultiHeadAttention(cfg, name="attention")(normed_BLD, normed_BLD, bias_BHLL,
                                                       deterministic), deterministic)
-        normed_BLD = rms_norm(cfg, "pre_mlp_norm")(x_BLD)
-        x_BLD = x_BLD + dropout(Mlp(cfg, name="mlp")(normed_BLD, deterministic), deterministic)
+        x_BLD = feed_forward(x_BLD, valid_BL, deterministic, cfg, self.mlp_block,
+                             self.extra_dense_mlp)
         return constrain(x_BLD, ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
+    """Causal self-attention, attention to the encoder output, then MLP."""
+
     config: LayerConfig
+    mlp_block: Callable[..., nn.Module] = Mlp
+    extra_dense_mlp: bool = False
 
     @nn.compact
     def __call__(self, y_BTD: jax.Array, encoded_BLD: jax.Array, self_bias_BHTT: jax.Array,
-                 cross_bias_BHTL: jax.Array, deterministic: bool) -> jax.Array:
+                 cross_bias_BHTL: jax.Array, valid_BT: jax.Array,
+                 deterministic: bool) -> jax.Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BTD = rms_norm(cfg, "pre_self_attention_norm")(y_BTD)
@@ -213,8 +257,8 @@ class DecoderLayer(nn.Module):
         y_BTD = y_BTD + dropout(
             MultiHeadAttention(cfg, name="encoder_decoder_attention")(
                 normed_BTD, encoded_BLD, cross_bias_BHTL, deterministic), deterministic)
-        normed_BTD = rms_norm(cfg, "pre_mlp_norm")(y_BTD)
-        y_BTD = y_BTD + dropout(Mlp(cfg, name="mlp")(normed_BTD, deterministic), deterministic)
+        y_BTD = feed_forward(y_BTD, valid_BT, deterministic, cfg, self.mlp_block,
+                             self.extra_dense_mlp)
         return constrain(y_BTD, ("batch", "length", "embed"))
 
 
@@ -257,7 +301,7 @@ def scan_layers(layer: nn.Module, num_layers: int, x: jax.Array, *shared) -> jax
     def body(module: nn.Module, carry: jax.Array, *args) -> tuple[jax.Array, None]:
         return module(carry, *args), None
 
-    scanned = nn.scan(body, variable_axes={"params": 0},
+    scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(shared), length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})

@@ -28,17 +28,29 @@ class MetricsWriter:
             for split in ("train", "validation")}
         self._tf = tf
 
-    def write(self, step: int, metrics: dict[str, float], split: str) -> None:
+    def write(self, step: int, metrics: dict[str, Any], split: str) -> None:
+        """Scalars as numbers; a vector metric (an MoE layer's per-expert fractions) as a list
+        in metrics.jsonl and one TensorBoard scalar per entry (`name/007`)."""
         if not self._active:
             return
+        values = {name: np.asarray(value, np.float64) for name, value in metrics.items()}
         row = {"step": int(step), "split": split,
-               **{name: float(value) for name, value in metrics.items()}}
+               **{name: value.tolist() for name, value in values.items()}}
         with open(self._path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with self._summary_writers[split].as_default():
-            for name, value in metrics.items():
-                self._tf.summary.scalar(name, float(value), step=int(step))
+            for name, value in values.items():
+                for tag, scalar in _scalars(name, value):
+                    self._tf.summary.scalar(tag, scalar, step=int(step))
         self._summary_writers[split].flush()
+
+
+def _scalars(name: str, value: np.ndarray) -> list[tuple[str, float]]:
+    if value.ndim == 0:
+        return [(name, float(value))]
+    digits = len(str(value.size - 1))
+    return [(f"{name}/{index:0{digits}d}", float(entry))
+            for index, entry in enumerate(value.ravel())]
 
 
 def format_duration(seconds: float) -> str:
@@ -55,6 +67,32 @@ def format_train_line(step: int, total_steps: int, metrics: dict[str, float],
     return (f"step {step:>6d}/{total_steps}  loss {metrics['loss']:.4f}  "
             f"acc {metrics['accuracy']:.4f}  lr {metrics['learning_rate']:.2e}  "
             f"tok/s {metrics['tokens_per_second']:,.0f}  left {format_duration(seconds_left)}")
+
+
+MOE_PREFIX = "moe/"
+MOST_EXPERTS_LISTED = 16  # Beyond this many, a log line gives the least and most loaded.
+
+
+def format_moe_lines(metrics: dict[str, Any]) -> list[str]:
+    """One line per sparse MLP layer from `moe/<layer>/<name>` metrics: load-balancing and
+    router z-losses, the share of choices dropped for capacity, and the share of tokens each
+    expert received (shown as multiples of the even share 1/E when there are many)."""
+    layers = sorted({name.split("/")[1] for name in metrics if name.startswith(MOE_PREFIX)},
+                    key=lambda layer: (not layer.startswith("encoder"), len(layer), layer))
+    lines = []
+    for layer in layers:
+        def value(name, layer=layer):
+            return metrics[f"{MOE_PREFIX}{layer}/{name}"]
+        fractions = np.asarray(value("expert_fraction"))
+        if fractions.size <= MOST_EXPERTS_LISTED:
+            load = "experts " + " ".join(f"{f:.2f}" for f in fractions)
+        else:
+            load = (f"expert load min {fractions.min() * fractions.size:.2f}x "
+                    f"max {fractions.max() * fractions.size:.2f}x of even")
+        lines.append(f"    {layer:<16}  balance {value('load_balancing_loss'):.3f}  "
+                     f"router z {value('router_z_loss'):.3f}  "
+                     f"dropped {value('dropped_fraction'):.1%}  {load}")
+    return lines
 
 
 def _spec_text(spec) -> str:

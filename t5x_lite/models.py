@@ -6,6 +6,7 @@ decoder_input_tokens / decoder_target_tokens / decoder_loss_weights / decoder_se
 Segment id 0 marks padding; packed rows hold several examples with ids 1, 2, ...
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import optax
 
 from t5x_lite import decoding
 from t5x_lite import layers
+from t5x_lite import moe as moe_lib
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -45,6 +47,8 @@ class T5Config:
     # (compiles one layer instead of all of them; the parameter tree changes shape).
     remat_policy: str = "none"
     scan_layers: bool = False
+    # Sparse Mixture-of-Experts MLPs in every moe.sparse_every-th layer; None: a dense model.
+    moe: moe_lib.MoeConfig | None = None
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
@@ -64,6 +68,9 @@ class T5Config:
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy must be one of "
                              f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.moe is not None and self.scan_layers:
+            raise ValueError("T5Config.scan_layers needs identical layers, but moe makes some "
+                             "sparse: set T5Config.scan_layers = False for MoE models")
 
     def layer_config(self) -> layers.LayerConfig:
         return layers.LayerConfig(
@@ -90,20 +97,22 @@ class Transformer(nn.Module):
 
         self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
         self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
-        # `deterministic` is argument 3 of EncoderLayer and 5 of DecoderLayer (self is 0).
-        encoder_layer = layers.rematerialised(layers.EncoderLayer, cfg.remat_policy, 3,
+        # `deterministic` is argument 4 of EncoderLayer and 6 of DecoderLayer (self is 0).
+        encoder_layer = layers.rematerialised(layers.EncoderLayer, cfg.remat_policy, 4,
                                               cfg.scan_layers)
-        decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 5,
+        decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 6,
                                               cfg.scan_layers)
         if cfg.scan_layers:
             # One module whose parameters carry a leading layers dimension.
             self.encoder_layers = encoder_layer(layer_cfg, name="encoder_layers")
             self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers")
         else:
-            self.encoder_layers = [encoder_layer(layer_cfg, name=f"encoder_layer_{i}")
-                                   for i in range(cfg.num_encoder_layers)]
-            self.decoder_layers = [decoder_layer(layer_cfg, name=f"decoder_layer_{i}")
-                                   for i in range(cfg.num_decoder_layers)]
+            self.encoder_layers = [
+                encoder_layer(layer_cfg, name=f"encoder_layer_{i}", **self._mlp_of(i, False))
+                for i in range(cfg.num_encoder_layers)]
+            self.decoder_layers = [
+                decoder_layer(layer_cfg, name=f"decoder_layer_{i}", **self._mlp_of(i, True))
+                for i in range(cfg.num_decoder_layers)]
         self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
         self.decoder_norm = layers.rms_norm(layer_cfg, "decoder_norm")
         self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -113,6 +122,14 @@ class Transformer(nn.Module):
                 kernel_init=layers.partitioned(
                     nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                     ("embed", "vocab")))
+
+    def _mlp_of(self, layer_index: int, causal: bool) -> dict:
+        """The MLP arguments of layer `layer_index`: sparse where the MoE config says so."""
+        config = self.config.moe
+        if config is None or not config.is_sparse(layer_index):
+            return {}
+        return {"mlp_block": functools.partial(moe_lib.SparseMlp, moe=config, causal=causal),
+                "extra_dense_mlp": config.extra_dense_mlp}
 
     def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array,
                deterministic: bool = True) -> jax.Array:
@@ -124,12 +141,12 @@ class Transformer(nn.Module):
                          encoder_segment_ids, encoder_segment_ids, causal=False),
                          self.config.activation_dtype))
         x_BLD = self._run_stack(self.encoder_layers, self.config.num_encoder_layers, x_BLD,
-                                bias_BHLL, deterministic)
+                                bias_BHLL, encoder_segment_ids, deterministic)
         return self.dropout(self.encoder_norm(x_BLD), deterministic)
 
     def _run_stack(self, stack, num_layers: int, x: jax.Array, *shared) -> jax.Array:
-        """Runs a layer stack on x; `shared` (biases, encoder output, deterministic) is the
-        same for every layer."""
+        """Runs a layer stack on x; `shared` (biases, encoder output, segment ids,
+        deterministic) is the same for every layer."""
         if self.config.scan_layers:
             return layers.scan_layers(stack, num_layers, x, *shared)
         for layer in stack:
@@ -150,7 +167,8 @@ class Transformer(nn.Module):
         cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
             decoder_segment_ids, encoder_segment_ids, causal=False), dtype)
         y_BTD = self._run_stack(self.decoder_layers, cfg.num_decoder_layers, y_BTD, encoded_BLD,
-                                self_bias_BHTT, cross_bias_BHTL, deterministic)
+                                self_bias_BHTT, cross_bias_BHTL, decoder_segment_ids,
+                                deterministic)
         y_BTD = self.dropout(self.decoder_norm(y_BTD), deterministic)
         if cfg.tie_embeddings:
             # T5 v1.0 rescales before the tied projection (Mesh TensorFlow's convention).
@@ -231,18 +249,34 @@ class EncoderDecoderModel:
         boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
         return nn.get_partition_spec(boxed)
 
+    def logits_and_moe_metrics(self, params: Params, batch: Batch,
+                               dropout_rng: jax.Array | None = None
+                               ) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+        """Float32 logits [B, T, V] and each sparse layer's routing metrics and losses
+        ({} for a dense model); dropout is applied only when dropout_rng is given."""
+        rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+        logits_BTV, state = self.module.apply(
+            {"params": params}, with_segment_ids(batch), deterministic=dropout_rng is None,
+            rngs=rngs, mutable=["intermediates"])
+        return logits_BTV, moe_lib.layer_metrics(state.get("intermediates", {}))
+
     def logits(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
                ) -> jax.Array:
-        """Float32 logits [B, T, V]; dropout is applied only when dropout_rng is given."""
-        rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-        return self.module.apply({"params": params}, with_segment_ids(batch),
-                                 deterministic=dropout_rng is None, rngs=rngs)
+        return self.logits_and_moe_metrics(params, batch, dropout_rng)[0]
 
     def loss_sums(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
                   ) -> dict[str, jax.Array]:
-        logits_BTV = self.logits(params, batch, dropout_rng)
-        return cross_entropy_sums(logits_BTV, batch["decoder_target_tokens"],
+        """Summed loss terms (see cross_entropy_sums); an MoE model's auxiliary losses and
+        routing metrics are added as per-batch values times the target weight, so that
+        dividing by the weight, as for every other sum, gives them back."""
+        logits_BTV, layer_metrics = self.logits_and_moe_metrics(params, batch, dropout_rng)
+        sums = cross_entropy_sums(logits_BTV, batch["decoder_target_tokens"],
                                   batch["decoder_loss_weights"], self.config.z_loss)
+        if layer_metrics:
+            moe_sums = moe_lib.metric_sums(layer_metrics, self.config.moe, sums["weight"])
+            sums["loss"] = sums["loss"] + moe_sums.pop("moe_loss")
+            sums.update(moe_sums)
+        return sums
 
     def loss(self, params: Params, batch: Batch, dropout_rng: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -10,13 +10,17 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")
+# The expert axis splits the batch too: outside sparse MLPs its devices are data parallel.
+BATCH_AXES = ("data", "fsdp", "expert")
 
-# Logical axis -> mesh axis (or axes). Batches split over data and fsdp; parameters shard
-# their embed dimension over fsdp (ZeRO-3 style) and heads / mlp / vocab over tensor. With
-# fsdp = tensor = 1 this is plain data parallelism. gin/partitioning/ holds named tables.
+# Logical axis -> mesh axis (or axes). Batches split over data, fsdp and expert; parameters
+# shard their embed dimension over fsdp (ZeRO-3 style), heads / mlp / vocab over tensor, and
+# MoE expert weights over expert. Inside a sparse MLP, tokens move from the batch layout to
+# [experts (expert), groups (expert_group: data, fsdp), ...]: the all-to-all of expert
+# parallelism. With fsdp = tensor = expert = 1 this is plain data parallelism.
+# gin/partitioning/ holds named tables.
 LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -25,6 +29,8 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("relpos_buckets", None),
     ("layers", None),
+    ("expert", "expert"),
+    ("expert_group", ("data", "fsdp")),
 )
 
 
@@ -92,7 +98,8 @@ class MeshConfig:
         return (data * self.dcn_data, *rest)
 
     def batch_divisor(self, num_devices: int) -> int:
-        """Devices the batch is split over (data x fsdp): the global batch must divide by it."""
+        """Devices the batch is split over (data x fsdp x expert): the global batch must
+        divide by it."""
         shape = dict(zip(MESH_AXES, self.shape(num_devices)))
         return int(np.prod([shape[axis] for axis in BATCH_AXES]))
 

@@ -19,6 +19,7 @@ from t5x_lite import checkpoints
 from t5x_lite import launch
 from t5x_lite import metrics_io
 from t5x_lite import models
+from t5x_lite import moe
 from t5x_lite import optimizers
 from t5x_lite import partitioning
 from t5x_lite import trainer as trainer_lib
@@ -146,6 +147,7 @@ def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSc
                   mesh_config: partitioning.MeshConfig, seed: int,
                   num_microbatches: int = 1) -> trainer_lib.Trainer:
     mesh = partitioning.create_mesh(mesh_config)
+    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     if not callable(learning_rate):
         learning_rate = optax.constant_schedule(learning_rate)
     return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
@@ -160,18 +162,63 @@ def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
     divisor = mesh_config.batch_divisor(jax.device_count()) * num_microbatches
     if data.batch_size % divisor:
         raise ValueError(
-            f"BATCH_SIZE {data.batch_size} does not divide over data x fsdp = "
+            f"BATCH_SIZE {data.batch_size} does not divide over data x fsdp x expert = "
             f"{mesh_config.batch_divisor(jax.device_count())} devices x num_microbatches = "
             f"{num_microbatches}: use a multiple of {divisor}")
 
 
-def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int
-                    ) -> trainer_lib.TrainState:
+def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
+                    upcycle_from: str | None = None) -> trainer_lib.TrainState:
+    """The newest checkpoint in MODEL_DIR; else, with `upcycle_from`, step 0 upcycled from
+    that dense run's newest checkpoint; else a fresh initialisation."""
     state = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
-    if state is None:
-        return trainer.init_state(seed)
-    say(f"Resuming from checkpoint at step {int(state.step)}.")
-    return state
+    if state is not None:
+        say(f"Resuming from checkpoint at step {int(state.step)}.")
+        return state
+    if upcycle_from:
+        return upcycled_state(trainer, upcycle_from, seed)
+    return trainer.init_state(seed)
+
+
+def check_upcycling(model_config: models.T5Config, upcycle_from: str | None) -> None:
+    if not upcycle_from:
+        return
+    if model_config.moe is None:
+        raise ValueError("upcycle_from needs an MoE model: bind models.T5Config.moe (e.g. "
+                         "include gin/models/switch_tiny.gin)")
+    if model_config.moe.extra_dense_mlp:
+        raise ValueError("upcycling copies each dense MLP into the experts, but "
+                         "moe.MoeConfig.extra_dense_mlp adds MLPs the dense model lacks: set "
+                         "it to False")
+    try:
+        checkpoints.latest_step(checkpoints.create_manager(upcycle_from, read_only=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"UPCYCLE_FROM {upcycle_from!r} holds no checkpoint: point it "
+                                "at the MODEL_DIR of a dense run that has saved one") from None
+
+
+def upcycled_state(trainer: trainer_lib.Trainer, dense_model_dir: str, seed: int
+                   ) -> trainer_lib.TrainState:
+    """Step 0 of an MoE run whose parameters are the dense run's newest checkpoint, every
+    expert a copy of its layer's dense MLP and routers freshly initialised (moe.upcycle),
+    with a fresh optimizer state. The dense parameters are restored into shards."""
+    manager = checkpoints.create_manager(dense_model_dir, read_only=True)
+    step, metadata = checkpoints.params_metadata(manager)
+    param_shardings = trainer.state_shardings.params
+    shardings = moe.dense_shardings(param_shardings)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=shardings.get(
+                jax.tree_util.keystr(path), partitioning.replicated(trainer.mesh))), metadata)
+    _, dense_params = checkpoints.restore_params(manager, abstract)
+    with trainer_lib.mesh_context(trainer.mesh, trainer.rules):
+        # The same router initialisation as a fresh MoE run with this seed.
+        fresh_params = jax.jit(trainer.model.init, out_shardings=param_shardings)(
+            jax.random.key(seed))
+        params = jax.jit(moe.upcycle, out_shardings=param_shardings)(fresh_params, dense_params)
+    say(f"Upcycled from the dense checkpoint at step {step} in {dense_model_dir}: every "
+        "expert starts as its layer's dense MLP, routers fresh.")
+    return trainer.state_from_params(params)
 
 
 class Progress:
@@ -204,23 +251,26 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
         learning_rate: optax.ScalarOrSchedule = optimizers.rsqrt_schedule(),
         optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
-        num_microbatches: int = 1) -> None:
+        num_microbatches: int = 1, upcycle_from: str | None = None) -> None:
     """Trains until loop.train_steps, evaluating and checkpointing on the way. With
     `num_microbatches` > 1 each step accumulates gradients over that many slices of the
-    batch (the same update, a fraction of the activation memory)."""
+    batch (the same update, a fraction of the activation memory). With `upcycle_from` (the
+    MODEL_DIR of a dense run of the same architecture) an MoE run without checkpoints starts
+    from that run's newest parameters (sparse upcycling)."""
     check_batch_divides(data, mesh_config, num_microbatches)
+    check_upcycling(model_config, upcycle_from)
+    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
+                            num_microbatches)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
-    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
-                            num_microbatches)
     sharded_state = trainer.sharded_abstract_state()
     say(metrics_io.parameter_table(sharded_state.params, trainer.model.logical_axes()))
     say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
-    state = restore_or_init(trainer, manager, loop.seed)
+    state = restore_or_init(trainer, manager, loop.seed, upcycle_from)
     start_step = int(state.step)
     if start_step >= loop.train_steps:
         say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
@@ -264,6 +314,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
             writer.write(step, row, "train")
             progress.print(metrics_io.format_train_line(
                 step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
+            for line in metrics_io.format_moe_lines(row):
+                progress.print(line)
             pending, period_start, paused = [], now, 0.0
         pause_start = time.perf_counter()
         if step % loop.eval_period == 0 or step == loop.train_steps:
@@ -287,8 +339,11 @@ def report_eval(writer: metrics_io.MetricsWriter, eval_step: Callable,
                f"accuracy {scores['accuracy']:.4f}")
 
 
-def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    return {name: float(np.mean([row[name] for row in rows])) for name in rows[0]}
+def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
+    """The mean of each metric over the rows: floats, or arrays for per-expert metrics."""
+    means = {name: np.mean([row[name] for row in rows], axis=0) for name in rows[0]}
+    return {name: float(value) if np.ndim(value) == 0 else value
+            for name, value in means.items()}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -61,9 +62,16 @@ class Trainer:
                               self.optimizer, self.abstract_state.params, shardings))
 
     def _init_state(self, rng: jax.Array) -> TrainState:
-        params = self.model.init(rng)
+        return self._fresh_state(self.model.init(rng))
+
+    def _fresh_state(self, params) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.init(params))
+
+    def state_from_params(self, params) -> TrainState:
+        """Step 0 with these parameters and a fresh optimizer state, in their shards."""
+        with self._in_mesh():
+            return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
 
     @functools.cached_property
     def abstract_state(self) -> TrainState:
@@ -120,10 +128,7 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": sums["loss"] / weight,
-            "z_loss": sums["z_loss"] / weight,
-            "accuracy": sums["correct"] / weight,
-            "target_tokens": sums["weight"],
+            **per_token_metrics(sums),
             "learning_rate": jnp.asarray(self.learning_rate(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(grads),
         }
@@ -195,9 +200,21 @@ def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,
     return in_mesh(step, mesh, rules)
 
 
-def summarize_eval(sums: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Token-weighted validation loss and accuracy over all eval batches."""
-    totals = {key: float(sum(float(s[key]) for s in sums)) for key in sums[0]}
-    weight = max(totals["weight"], 1.0)
-    return {"loss": totals["loss"] / weight, "z_loss": totals["z_loss"] / weight,
-            "accuracy": totals["correct"] / weight, "target_tokens": totals["weight"]}
+def per_token_metrics(sums: dict) -> dict:
+    """Every summed metric divided by the summed target weight ("correct" becomes
+    "accuracy"), plus the weight itself as "target_tokens". Works on jax and NumPy values,
+    scalars or arrays (an MoE layer's per-expert fractions)."""
+    weight = sums["weight"]
+    divisor = max(weight, 1.0) if isinstance(weight, float) else jnp.maximum(weight, 1.0)
+    metrics = {("accuracy" if key == "correct" else key): value / divisor
+               for key, value in sums.items() if key != "weight"}
+    return {**metrics, "target_tokens": weight}
+
+
+def summarize_eval(sums: list[dict[str, jax.Array]]) -> dict:
+    """Token-weighted validation metrics over all eval batches (floats, and NumPy arrays for
+    per-expert metrics)."""
+    totals = {key: np.sum([np.asarray(s[key], np.float64) for s in sums], axis=0)
+              for key in sums[0]}
+    totals = {key: float(value) if value.ndim == 0 else value for key, value in totals.items()}
+    return per_token_metrics(totals)

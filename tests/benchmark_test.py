@@ -54,6 +54,7 @@ def test_input_rate_is_rows_over_seconds_on_one_core():
     (["input", "--tasks", "no_such_task", "--seconds", "1"], "stdlib_span_corruption"),
     (["train", "--preset", "no_such_preset"], "t5_1_1_small"),
     (["train", "--preset", "t5_1_1_tiny", "--batch", "0"], "--batch"),
+    (["moe", "--preset", "t5_1_1_tiny"], "switch_tiny"),
     (["no_such_command"], "train"),
 ])
 def test_bad_input_is_one_error_line(args, expected):
@@ -91,3 +92,20 @@ def test_remat_rows_are_ratios_to_no_remat():
     for row in rows:
         np.testing.assert_allclose(row["time_ratio_to_none"],
                                    row["step_seconds"] / rows[0]["step_seconds"], rtol=1e-9)
+
+
+def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
+    rows = json_rows(run_benchmark("moe", "--preset", "switch_tiny", "--batch", "2",
+                                   "--inputs", "16", "--targets", "8", "--steps", "2",
+                                   "--warmup", "1", "--json"))
+    assert [row["preset"] for row in rows] == ["t5_1_1_tiny", "switch_tiny"]
+    dense, sparse = rows
+    # Top-1 over 8 experts: a token passes through the dense model's weights plus the two
+    # routers (128 x 8 each); the other 7 experts of each sparse MLP sit idle.
+    assert dense["parameters"] == dense["active_parameters"]
+    assert sparse["active_parameters"] == dense["parameters"] + 2 * 128 * 8
+    mlp = 3 * 128 * 512
+    assert sparse["parameters"] == dense["parameters"] + 2 * (7 * mlp + 128 * 8)
+    for row in rows:
+        np.testing.assert_allclose(row["dispatch_overhead"],
+                                   row["step_seconds"] / dense["step_seconds"], rtol=1e-9)

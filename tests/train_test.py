@@ -173,8 +173,8 @@ def test_batch_that_does_not_divide_into_microbatches_is_one_line(tmp_path):
     line = error_line(run_train_command(*QUICK, f"--gin.MODEL_DIR='{tmp_path}'",
                                         "--gin.BATCH_SIZE=15",
                                         "--gin.t5x_lite.train.run.num_microbatches=2"))
-    assert line == ("error: BATCH_SIZE 15 does not divide over data x fsdp = 1 devices x "
-                    "num_microbatches = 2: use a multiple of 2")
+    assert line == ("error: BATCH_SIZE 15 does not divide over data x fsdp x expert = 1 "
+                    "devices x num_microbatches = 2: use a multiple of 2")
     assert not os.listdir(tmp_path)  # Nothing written before the check.
 
 
