@@ -75,9 +75,11 @@ class RelativePositionBias(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, query_length: int, key_length: int) -> jax.Array:
-        """Returns the bias [1, H, T, S]."""
-        relative_position = (np.arange(key_length)[None, :] - np.arange(query_length)[:, None])
+    def __call__(self, query_length: int, key_length: int,
+                 query_offset: jax.Array | int = 0) -> jax.Array:
+        """Returns the bias [1, H, T, S] for queries at positions query_offset + [0, T)."""
+        relative_position = (jnp.arange(key_length)[None, :]
+                             - (jnp.arange(query_length) + query_offset)[:, None])
         buckets_TS = relative_position_bucket(relative_position, self.bidirectional,
                                               self.num_buckets, self.max_distance)
         table_RH = self.param(
@@ -109,9 +111,17 @@ def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 class MultiHeadAttention(nn.Module):
-    """T5 attention: no 1/sqrt(K) logit scaling (it is folded into the query initialiser)."""
+    """T5 attention: no 1/sqrt(K) logit scaling (it is folded into the query initialiser).
+
+    With `use_cache` (decoder self-attention while decoding) keys and values live in the
+    "cache" collection: the first call, on full-length inputs, creates a zero cache of that
+    length; each later call takes one position [B, 1, D], writes its key and value at the
+    cache's index and attends over the whole cache (the bias masks positions not yet
+    written).
+    """
 
     config: LayerConfig
+    use_cache: bool = False
 
     @nn.compact
     def __call__(self, inputs_q_BTD: jax.Array, inputs_kv_BSD: jax.Array, bias_BHTS: jax.Array,
@@ -128,6 +138,8 @@ class MultiHeadAttention(nn.Module):
         query_BTHK = projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD)
         key_BSHK = projection("key", 1.0)(inputs_kv_BSD)
         value_BSHK = projection("value", 1.0)(inputs_kv_BSD)
+        if self.use_cache:
+            key_BSHK, value_BSHK = self._cached(key_BSHK, value_BSHK)
         query_BTHK = constrain(query_BTHK, ("batch", "length", "heads", "kv"))
         key_BSHK = constrain(key_BSHK, ("batch", "length", "heads", "kv"))
         value_BSHK = constrain(value_BSHK, ("batch", "length", "heads", "kv"))
@@ -146,6 +158,24 @@ class MultiHeadAttention(nn.Module):
             name="out", dtype=cfg.dtype,
             kernel_init=partitioned(out_init, ("heads", "kv", "embed")))(context_BTHK)
         return constrain(output_BTD, ("batch", "length", "embed"))
+
+    def _cached(self, key_BTHK: jax.Array, value_BTHK: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_BTHK.shape,
+                                   key_BTHK.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value_BTHK.shape,
+                                     value_BTHK.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return key_BTHK, value_BTHK
+        position = index.value
+        cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key_BTHK,
+                                                               position, axis=1)
+        cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value,
+                                                                 value_BTHK, position, axis=1)
+        index.value = position + key_BTHK.shape[1]
+        return cached_key.value, cached_value.value
 
 
 class Mlp(nn.Module):
@@ -236,11 +266,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Causal self-attention, attention to the encoder output, then MLP."""
+    """Causal self-attention, attention to the encoder output, then MLP. With `cached` the
+    self-attention keeps keys and values in a cache (decoding one position at a time)."""
 
     config: LayerConfig
     mlp_block: Callable[..., nn.Module] = Mlp
     extra_dense_mlp: bool = False
+    cached: bool = False
 
     @nn.compact
     def __call__(self, y_BTD: jax.Array, encoded_BLD: jax.Array, self_bias_BHTT: jax.Array,
@@ -250,8 +282,8 @@ class DecoderLayer(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BTD = rms_norm(cfg, "pre_self_attention_norm")(y_BTD)
         y_BTD = y_BTD + dropout(
-            MultiHeadAttention(cfg, name="self_attention")(normed_BTD, normed_BTD,
-                                                           self_bias_BHTT, deterministic),
+            MultiHeadAttention(cfg, self.cached, name="self_attention")(
+                normed_BTD, normed_BTD, self_bias_BHTT, deterministic),
             deterministic)
         normed_BTD = rms_norm(cfg, "pre_cross_attention_norm")(y_BTD)
         y_BTD = y_BTD + dropout(
@@ -301,7 +333,7 @@ def scan_layers(layer: nn.Module, num_layers: int, x: jax.Array, *shared) -> jax
     def body(module: nn.Module, carry: jax.Array, *args) -> tuple[jax.Array, None]:
         return module(carry, *args), None
 
-    scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
+    scanned = nn.scan(body, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(shared), length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})

@@ -80,9 +80,11 @@ class T5Config:
 
 
 class Transformer(nn.Module):
-    """Encoder and decoder stacks sharing one token embedding."""
+    """Encoder and decoder stacks sharing one token embedding. With `cached_decoding` the
+    decoder's self-attention keeps a key/value cache (see decode)."""
 
     config: T5Config
+    cached_decoding: bool = False
 
     def setup(self):
         cfg, layer_cfg = self.config, self.config.layer_config()
@@ -102,16 +104,18 @@ class Transformer(nn.Module):
                                               cfg.scan_layers)
         decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 6,
                                               cfg.scan_layers)
+        cached = self.cached_decoding
         if cfg.scan_layers:
             # One module whose parameters carry a leading layers dimension.
             self.encoder_layers = encoder_layer(layer_cfg, name="encoder_layers")
-            self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers")
+            self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers", cached=cached)
         else:
             self.encoder_layers = [
                 encoder_layer(layer_cfg, name=f"encoder_layer_{i}", **self._mlp_of(i, False))
                 for i in range(cfg.num_encoder_layers)]
             self.decoder_layers = [
-                decoder_layer(layer_cfg, name=f"decoder_layer_{i}", **self._mlp_of(i, True))
+                decoder_layer(layer_cfg, name=f"decoder_layer_{i}", cached=cached,
+                              **self._mlp_of(i, True))
                 for i in range(cfg.num_decoder_layers)]
         self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
         self.decoder_norm = layers.rms_norm(layer_cfg, "decoder_norm")
@@ -155,15 +159,26 @@ class Transformer(nn.Module):
 
     def decode(self, encoded_BLD: jax.Array, encoder_segment_ids: jax.Array,
                decoder_input_tokens: jax.Array, decoder_segment_ids: jax.Array,
-               deterministic: bool = True) -> jax.Array:
-        """Returns float32 logits [B, T, V] for every decoder position."""
+               deterministic: bool = True, decode_position: jax.Array | None = None,
+               cache_length: int | None = None) -> jax.Array:
+        """Returns float32 logits [B, T, V] for every decoder position.
+
+        Cached decoding (cached_decoding=True, "cache" mutable): a first call on full-length
+        inputs [B, cache_length] creates the cache; then each call passes one token per row
+        [B, 1] at `decode_position`, which attends to the cache up to that position.
+        """
         cfg = self.config
         dtype = cfg.activation_dtype
         y_BTD = self.dropout(self.token_embedder(decoder_input_tokens), deterministic)
         length = decoder_input_tokens.shape[1]
-        self_bias_BHTT = (self.decoder_relative_bias(length, length)
-                          + layers.mask_to_bias(layers.attention_mask(
-                              decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
+        if decode_position is None:
+            self_bias_BHTT = (self.decoder_relative_bias(length, length)
+                              + layers.mask_to_bias(layers.attention_mask(
+                                  decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
+        else:
+            written_S = jnp.arange(cache_length) <= decode_position
+            self_bias_BHTT = (self.decoder_relative_bias(length, cache_length, decode_position)
+                              + layers.mask_to_bias(written_S[None, None, None, :], dtype))
         cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
             decoder_segment_ids, encoder_segment_ids, causal=False), dtype)
         y_BTD = self._run_stack(self.decoder_layers, cfg.num_decoder_layers, y_BTD, encoded_BLD,
@@ -290,28 +305,59 @@ class EncoderDecoderModel:
                                  batch["encoder_segment_ids"], method=Transformer.encode)
 
     def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 64,
-                      method: str = "greedy", eos_id: int = 1
+                      method: str = "greedy", eos_id: int = 1, **options
                       ) -> tuple[jax.Array, jax.Array]:
-        """Decodes targets for the batch's encoder inputs.
+        """Decodes targets for the batch's encoder inputs: the encoder runs once, the decoder
+        one position at a time over a key/value cache.
 
-        Returns tokens int32 [B, max_decode_length] (0 after EOS) and scores float32 [B],
-        the summed log-probability of each decoded sequence up to and including EOS.
+        `method` is "greedy", "beam" or "sample"; `options` are decoding.DecodeOptions
+        fields (beam_size, alpha, temperature, top_k, top_p, seed). Returns tokens int32
+        [B, max_decode_length] (no start token; 0 after EOS) and scores float32 [B]: the
+        summed log-probability of each sequence up to and including EOS (for beam search,
+        divided by the length penalty).
         """
-        if method not in decoding.METHODS:
-            raise ValueError(f"predict_batch method must be one of {decoding.METHODS}, "
-                             f"got {method!r}")
+        decoding.check_method(method)
+        try:
+            settings = decoding.DecodeOptions(**options)
+        except TypeError:
+            raise ValueError(f"unknown decoding option in {sorted(options)}: options are "
+                             f"{', '.join(decoding.DecodeOptions.__dataclass_fields__)}"
+                             ) from None
+        copies = settings.beam_size if method == "beam" else 1
+        step_fn, cache = self.cached_decoder(params, batch, max_decode_length, copies)
+        batch_size = batch["encoder_input_tokens"].shape[0]
+        return decoding.decode(method, step_fn, cache, batch_size, max_decode_length, eos_id,
+                               settings)
+
+    def cached_decoder(self, params: Params, batch: Batch, max_decode_length: int,
+                       copies: int = 1) -> tuple[decoding.StepFn, Any]:
+        """(step_fn, empty cache) for decoding the batch's encoder inputs: the encoder runs
+        here, once; step_fn(tokens [R, 1], position, cache) -> (logits [R, V], cache) runs
+        the decoder on one position, where R = B * copies (each row repeated `copies` times
+        in a row, for beam search)."""
         batch = with_segment_ids(batch)
-        encoded_BLD = self.encode(params, batch)
-        encoder_segment_ids = batch["encoder_segment_ids"]
+        encoded_RLD = jnp.repeat(self.encode(params, batch), copies, axis=0)
+        segment_ids = jnp.repeat(batch["encoder_segment_ids"], copies, axis=0)
+        module = Transformer(self.config, cached_decoding=True)
 
-        def logits_fn(decoder_input_tokens: jax.Array) -> jax.Array:
-            segment_ids = jnp.ones_like(decoder_input_tokens)
-            return self.module.apply({"params": params}, encoded_BLD, encoder_segment_ids,
-                                     decoder_input_tokens, segment_ids,
-                                     method=Transformer.decode)
+        def run_decoder(tokens, cache=None, position=None):
+            variables = {"params": params} if cache is None else {"params": params,
+                                                                   "cache": cache}
+            return module.apply(variables, encoded_RLD, segment_ids, tokens,
+                                jnp.ones_like(tokens), decode_position=position,
+                                cache_length=max_decode_length, method=Transformer.decode,
+                                mutable=["cache"])
 
-        batch_size = encoded_BLD.shape[0]
-        return decoding.greedy_decode(logits_fn, batch_size, max_decode_length, eos_id)
+        # The cache's shapes come from a full-length call, traced but never run.
+        full_length = jnp.zeros((encoded_RLD.shape[0], max_decode_length), jnp.int32)
+        cache = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+            lambda: run_decoder(full_length)[1]["cache"]))
+
+        def step_fn(tokens_R1, position, cache):
+            logits_R1V, state = run_decoder(tokens_R1, cache, position)
+            return logits_R1V[:, 0], state["cache"]
+
+        return step_fn, cache
 
 
 def count_parameters(params: Params) -> int:
