@@ -7,6 +7,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python scripts/benchmark.py state --preset t5_1_1_small   # 8 CPU devices stand in
   python scripts/benchmark.py moe --preset switch_tiny --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py decode --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -26,6 +27,10 @@ Figures (each measured in the run that prints it; add --json for one JSON object
   state  parameter_bytes, optimizer_bytes   what one device holds under each rule table of
                               gin/partitioning/ (from the shardings; nothing is allocated)
          ratio_to_data        that total / the data-parallel total
+  decode tokens_per_second    batch * targets / decode_seconds for greedy and beam search
+                              (a beam's W hypotheses count once), with a random-weight model
+                              forced to decode all `targets` tokens; decode_seconds is the
+                              median of --repeats jitted predict_batch calls after compiling
   moe    the train figures of an MoE preset and of its dense counterpart (same widths), plus
          parameters, active_parameters   all parameters, and those one token passes through
                               (each sparse MLP counted as its K chosen experts and its router)
@@ -259,6 +264,42 @@ def run_moe(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def measure_decode(preset: str, batch: int, inputs: int, targets: int, method: str,
+                   options: dict, repeats: int) -> dict:
+    """Median seconds of one jitted predict_batch call on random encoder inputs, decoding
+    exactly `targets` tokens per row (EOS is an id no row emits, so no row stops early)."""
+    import jax
+    import numpy as np
+    from t5x_lite import models
+
+    config = model_config_of(preset)
+    model = models.EncoderDecoderModel(config)
+    params = jax.jit(model.init)(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(2, config.vocab_size, (batch, inputs), np.int32)
+    predict = jax.jit(lambda p, t: model.predict_batch(
+        p, {"encoder_input_tokens": t}, max_decode_length=targets, method=method,
+        eos_id=config.vocab_size, **options))
+    seconds = []
+    for _ in range(1 + repeats):  # Compilation first.
+        start = time.perf_counter()
+        jax.block_until_ready(predict(params, tokens))
+        seconds.append(time.perf_counter() - start)
+    decode_seconds = statistics.median(seconds[1:])
+    return {"what": "decode", "preset": preset, "device": device_name(), "method": method,
+            **options, "batch": batch, "inputs": inputs, "targets": targets,
+            "decode_seconds": decode_seconds,
+            "tokens_per_second": batch * targets / decode_seconds,
+            "compile_seconds": seconds[0]}
+
+
+def run_decode(args: argparse.Namespace) -> list[dict]:
+    """Greedy and beam-search decoding throughput of a preset, measured in this run."""
+    check_preset(args.preset)
+    return [measure_decode(args.preset, args.batch, args.inputs, args.targets, method,
+                           options, args.repeats)
+            for method, options in (("greedy", {}), ("beam", {"beam_size": args.beam_size}))]
+
+
 RULE_TABLES = ("data", "fsdp", "fsdp_tensor")
 
 
@@ -416,6 +457,14 @@ def build_parser() -> ArgumentParser:
     moe_parser.add_argument("--steps", type=int_at_least(1), default=TRAIN_STEPS)
     moe_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS)
     moe_parser.set_defaults(run=run_moe)
+
+    decode_parser = commands.add_parser("decode", help="greedy and beam decoding tokens/s")
+    decode_parser.add_argument("--preset", required=True)
+    add_sizes(decode_parser)
+    decode_parser.add_argument("--beam-size", type=int_at_least(1), default=4)
+    decode_parser.add_argument("--repeats", type=int_at_least(1), default=3,
+                               help="timed calls after compilation")
+    decode_parser.set_defaults(run=run_decode)
 
     state_parser = commands.add_parser(
         "state", help="per-device parameter + optimizer bytes under each rule table")

@@ -1,5 +1,9 @@
 """Optimizers and learning-rate schedules as optax transformations. Gin picks one of these
 functions; the trainer only sees the resulting `optax.GradientTransformation`."""
+import re
+from typing import Callable, Sequence
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -47,3 +51,44 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
     if max_grad_norm is not None:
         steps.insert(0, optax.clip_by_global_norm(max_grad_norm))
     return optax.chain(*steps)
+
+
+def parameter_path(path) -> str:
+    """"encoder_layer_0/mlp/wi_0/kernel" for a pytree key path."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def with_parameter_groups(optimizer: Callable[..., optax.GradientTransformation],
+                          learning_rate: optax.ScalarOrSchedule,
+                          frozen: Sequence[str] = (),
+                          rate_scales: Sequence[tuple[str, float]] = ()
+                          ) -> optax.GradientTransformation:
+    """`optimizer(learning_rate)` applied per parameter group, chosen by regular expressions
+    searched in each parameter's path ("decoder_layer_1/mlp/wo/kernel"): parameters matching
+    a `frozen` pattern never change; those matching a `rate_scales` pattern (the first that
+    matches) train at that multiple of the learning rate (e.g. layer-wise decay); the rest
+    train as usual."""
+    schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(
+        learning_rate)
+    for pattern in [*frozen, *(pattern for pattern, _ in rate_scales)]:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"parameter pattern {pattern!r} is not a regular expression "
+                             f"({error})") from None
+
+    def label(path, _) -> str:
+        name = parameter_path(path)
+        if any(re.search(pattern, name) for pattern in frozen):
+            return "frozen"
+        for index, (pattern, _) in enumerate(rate_scales):
+            if re.search(pattern, name):
+                return f"group_{index}"
+        return "default"
+
+    transforms = {"frozen": optax.set_to_zero(), "default": optimizer(learning_rate=schedule)}
+    for index, (_, scale) in enumerate(rate_scales):
+        transforms[f"group_{index}"] = optimizer(
+            learning_rate=lambda step, scale=scale: scale * schedule(step))
+    return optax.multi_transform(
+        transforms, lambda params: jax.tree_util.tree_map_with_path(label, params))

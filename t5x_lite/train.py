@@ -168,16 +168,38 @@ def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
-                    upcycle_from: str | None = None) -> trainer_lib.TrainState:
-    """The newest checkpoint in MODEL_DIR; else, with `upcycle_from`, step 0 upcycled from
-    that dense run's newest checkpoint; else a fresh initialisation."""
+                    upcycle_from: str | None = None, init_from: str | None = None
+                    ) -> trainer_lib.TrainState:
+    """The newest checkpoint in MODEL_DIR; else step 0 from the parameters of `init_from`'s
+    newest checkpoint, or upcycled from `upcycle_from`'s; else a fresh initialisation."""
     state = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
     if state is not None:
         say(f"Resuming from checkpoint at step {int(state.step)}.")
         return state
+    if init_from:
+        return pretrained_state(trainer, init_from)
     if upcycle_from:
         return upcycled_state(trainer, upcycle_from, seed)
     return trainer.init_state(seed)
+
+
+def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_lib.TrainState:
+    """Step 0 with the parameters of the newest checkpoint in `model_dir` (a model of this
+    architecture) and a fresh optimizer state: the start of a fine-tuning run."""
+    manager = checkpoints.create_manager(model_dir, read_only=True)
+    try:
+        step, params = checkpoints.restore_params(manager,
+                                                  trainer.sharded_abstract_state().params)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"INIT_FROM {model_dir!r} holds no checkpoint: point it at the "
+                                "MODEL_DIR of the pretraining run") from None
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"the checkpoint in INIT_FROM {model_dir!r} is not of this model "
+                         f"({launch.first_line(error)[:200]}): use the pretraining run's "
+                         "model gin file") from None
+    say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
+        "fresh optimizer state, step 0.")
+    return trainer.state_from_params(params)
 
 
 def check_upcycling(model_config: models.T5Config, upcycle_from: str | None) -> None:
@@ -251,12 +273,18 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
         learning_rate: optax.ScalarOrSchedule = optimizers.rsqrt_schedule(),
         optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
-        num_microbatches: int = 1, upcycle_from: str | None = None) -> None:
+        num_microbatches: int = 1, upcycle_from: str | None = None,
+        init_from: str | None = None) -> None:
     """Trains until loop.train_steps, evaluating and checkpointing on the way. With
     `num_microbatches` > 1 each step accumulates gradients over that many slices of the
     batch (the same update, a fraction of the activation memory). With `upcycle_from` (the
     MODEL_DIR of a dense run of the same architecture) an MoE run without checkpoints starts
-    from that run's newest parameters (sparse upcycling)."""
+    from that run's newest parameters (sparse upcycling). With `init_from` (a MODEL_DIR of
+    this architecture) a run without checkpoints starts from that run's newest parameters
+    with a fresh optimizer state at step 0 (fine-tuning)."""
+    if upcycle_from and init_from:
+        raise ValueError("set INIT_FROM (same architecture) or UPCYCLE_FROM (dense into MoE), "
+                         "not both")
     check_batch_divides(data, mesh_config, num_microbatches)
     check_upcycling(model_config, upcycle_from)
     trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
@@ -270,7 +298,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     say(metrics_io.parameter_table(sharded_state.params, trainer.model.logical_axes()))
     say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
-    state = restore_or_init(trainer, manager, loop.seed, upcycle_from)
+    state = restore_or_init(trainer, manager, loop.seed, upcycle_from, init_from)
     start_step = int(state.step)
     if start_step >= loop.train_steps:
         say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "

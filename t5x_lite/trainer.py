@@ -183,12 +183,27 @@ def _sharding_for_statistic(leaf, param, sharding: NamedSharding) -> NamedShardi
 
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_params,
                               shardings):
-    """NamedShardings for `optimizer`'s state that follow the parameters' shardings."""
+    """NamedShardings for `optimizer`'s state that follow the parameters' shardings. A state
+    leaf belongs to the parameter whose path ends its own path (optax nests the parameter
+    tree inside its state, under parameter groups too); other leaves are replicated."""
     abstract_state = jax.eval_shape(optimizer.init, abstract_params)
     mesh = jax.tree_util.tree_leaves(shardings)[0].mesh
-    return optax.tree_map_params(
-        optimizer, _sharding_for_statistic, abstract_state, abstract_params, shardings,
-        transform_non_params=lambda _: partitioning.replicated(mesh))
+    by_path = {_dict_keys(path): (param, sharding) for (path, param), sharding in zip(
+        jax.tree_util.tree_leaves_with_path(abstract_params),
+        jax.tree_util.tree_leaves(shardings))}
+
+    def sharding_of(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):  # The longest matching suffix first.
+            if keys[start:] in by_path:
+                return _sharding_for_statistic(leaf, *by_path[keys[start:]])
+        return partitioning.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(sharding_of, abstract_state)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
 
 
 def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,

@@ -109,3 +109,14 @@ def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
     for row in rows:
         np.testing.assert_allclose(row["dispatch_overhead"],
                                    row["step_seconds"] / dense["step_seconds"], rtol=1e-9)
+
+
+def test_decode_rows_are_tokens_over_seconds():
+    rows = json_rows(run_benchmark("decode", "--preset", "t5_1_1_tiny", "--batch", "2",
+                                   "--inputs", "16", "--targets", "4", "--repeats", "1",
+                                   "--beam-size", "3", "--json"))
+    assert [(row["method"], row.get("beam_size")) for row in rows] == [("greedy", None),
+                                                                      ("beam", 3)]
+    for row in rows:
+        np.testing.assert_allclose(row["tokens_per_second"], 2 * 4 / row["decode_seconds"],
+                                   rtol=1e-9)

@@ -17,7 +17,8 @@ from t5x_lite.data import tasks
 
 GIN_DIR = launch.GIN_DIR
 REQUIRED_MACROS = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'stdlib_span_corruption'",
-                   "TRAIN_STEPS = 1"]
+                   "TRAIN_STEPS = 1", "INIT_FROM = '/tmp/unused'",
+                   "INFER_OUTPUT = '/tmp/unused.jsonl'"]
 
 # Published T5 parameter counts (the Hugging Face checkpoints' totals, vocabulary 32,128).
 PUBLISHED_COUNTS = {

@@ -1,0 +1,161 @@
+"""Inference entry point: decodes the inputs of a task split, or of a text / JSONL file, with
+the newest checkpoint in MODEL_DIR and writes one JSON line per input: input, prediction,
+score (and target, for a task split).
+
+  python -m t5x_lite.infer --gin_file=gin/quickstart.gin --gin_file=gin/runs/infer.gin \\
+      --gin.INFER_OUTPUT="'runs/quickstart/predictions.jsonl'" [--gin.INFER_INPUTS="'in.txt'"]
+      [--gin.DECODE_METHOD="'beam'" --gin.DECODE_OPTIONS="{'beam_size': 4, 'alpha': 0.6}"]
+
+The output appears only once complete (written beside it, then renamed).
+"""
+import json
+import os
+from typing import Iterator
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from t5x_lite import decoding
+from t5x_lite import eval as eval_lib
+from t5x_lite import launch
+from t5x_lite import models
+from t5x_lite import moe
+from t5x_lite import partitioning
+from t5x_lite import train
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import pipeline
+from t5x_lite.data import tasks
+from t5x_lite.data import vocab
+
+
+def read_inputs(path: str, input_field: str = "inputs") -> list[str]:
+    """The inputs of a file: each non-empty line of a .txt file, or `input_field` of each
+    line of a .jsonl file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"INFER_INPUTS file {path!r} does not exist: pass a .txt file "
+                                "(one input per line) or a .jsonl file")
+    with open(path) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, 1):
+        record = json.loads(line)
+        if input_field not in record:
+            raise ValueError(f"{path}:{number} has no field {input_field!r}: set "
+                             "t5x_lite.infer.run.input_field to the field holding the input")
+        texts.append(str(record[input_field]))
+    return texts
+
+
+def file_examples(texts: list[str], vocabulary, input_length: int) -> Iterator[dict]:
+    """Tokenised inputs, EOS-terminated and cut to input_length."""
+    for text in texts:
+        ids = list(vocabulary.encode(text))[:input_length - 1] + [vocabulary.eos_id]
+        yield {"input": text, "ids": ids}
+
+
+def split_examples(data: train.DataConfig, split: str, vocabulary) -> Iterator[dict]:
+    """The task split's examples, in order (every host reads all of them)."""
+    lengths = data.task_feature_lengths
+    for batch in pipeline.get_batches(
+            data.mixture_or_task_name, split, dict(lengths), 1, shuffle=False, seed=0,
+            repeat=False, pack=False):
+        ids = [int(i) for i in batch["encoder_input_tokens"][0] if i]
+        yield {"input": vocab.show_ids(vocabulary, ids), "ids": ids,
+               "target": vocab.show_ids(vocabulary, batch["decoder_target_tokens"][0])}
+
+
+def batches_of(examples: Iterator[dict], batch_size: int, input_length: int,
+               limit: int | None) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """(examples, encoder_input_tokens [batch_size, L]) groups; the last is zero-padded."""
+    group = []
+    for index, example in enumerate(examples):
+        if limit is not None and index >= limit:
+            break
+        group.append(example)
+        if len(group) == batch_size:
+            yield group, _tokens(group, batch_size, input_length)
+            group = []
+    if group:
+        yield group, _tokens(group, batch_size, input_length)
+
+
+def _tokens(group: list[dict], batch_size: int, input_length: int) -> np.ndarray:
+    tokens = np.zeros((batch_size, input_length), np.int32)
+    for row, example in enumerate(group):
+        tokens[row, :len(example["ids"])] = example["ids"]
+    return tokens
+
+
+def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
+        model_dir: str = gin.REQUIRED, output_file: str = gin.REQUIRED,
+        input_file: str | None = None, input_field: str = "inputs", split: str = "validation",
+        max_examples: int | None = None, method: str = "greedy",
+        decode_options: dict | None = None, max_decode_length: int | None = None,
+        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> int:
+    """Writes predictions to `output_file` and returns how many. `max_decode_length`
+    defaults to the targets length of TASK_FEATURE_LENGTHS."""
+    decoding.check_method(method)
+    options = decoding.DecodeOptions(**(decode_options or {}))
+    texts = read_inputs(input_file, input_field) if input_file else None
+    mesh = partitioning.create_mesh(mesh_config)
+    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
+    model, step, params = eval_lib.restore_model(model_config, model_dir, mesh,
+                                                 mesh_config.rules)
+    train.check_vocabulary(model_config, data)
+    vocabulary = tasks.get_task_or_mixture(
+        data.mixture_or_task_name).output_features["targets"].vocabulary
+    input_length = data.task_feature_lengths["inputs"]
+    decode_length = max_decode_length or data.task_feature_lengths["targets"]
+    examples = (file_examples(texts, vocabulary, input_length) if texts is not None
+                else split_examples(data, split, vocabulary))
+    predict = trainer_lib.in_mesh(jax.jit(lambda p, tokens: model.predict_batch(
+        p, {"encoder_input_tokens": tokens}, max_decode_length=decode_length,
+        method=method, eos_id=vocabulary.eos_id, **vars(options))), mesh, mesh_config.rules)
+    rows = []
+    for group, tokens in batches_of(examples, data.batch_size, input_length, max_examples):
+        predicted, scores = predict(params, _host_share(tokens, mesh))
+        predicted, scores = _gathered(predicted), _gathered(scores)
+        for row, example in enumerate(group):
+            record = {"input": example["input"],
+                      "prediction": vocab.show_ids(vocabulary, predicted[row]),
+                      "score": float(scores[row])}
+            if "target" in example:
+                record["target"] = example["target"]
+            rows.append(record)
+    if jax.process_index() == 0:
+        _write_atomically(output_file, rows)
+    train.say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method}) to "
+              f"{output_file}")
+    return len(rows)
+
+
+def _host_share(tokens: np.ndarray, mesh) -> dict:
+    """Every host holds the whole batch; each passes its own rows to the global array."""
+    share = len(tokens) // jax.process_count()
+    local = tokens[jax.process_index() * share:(jax.process_index() + 1) * share]
+    return partitioning.global_batch({"encoder_input_tokens": local}, mesh)[
+        "encoder_input_tokens"]
+
+
+def _gathered(array) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def _write_atomically(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    launch.main("t5x_lite.infer.run", description=__doc__)
