@@ -43,3 +43,15 @@ def rebuild_from_span_corruption():
         return rebuilt
 
     return rebuild
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory):
+    """A MODEL_DIR holding a 10-step checkpoint of t5_1_1_tiny (vocabulary 384) trained on
+    train_test's byte-level task, shared by the tests that restore a trained model."""
+    from tests import train_test
+
+    train_test.register_sentences_task(tmp_path_factory.mktemp("sentences"))
+    model_dir = tmp_path_factory.mktemp("trained_tiny")
+    train_test.train_in_process(model_dir, 10)
+    return model_dir

@@ -34,9 +34,9 @@ def newest_params(model_dir):
     return checkpoints.restore_params(manager, abstract)
 
 
-def test_frozen_encoder_stays_bit_identical(task_name, tmp_path, capsys):  # noqa: F811
-    pretrained, finetuned = tmp_path / "pretrained", tmp_path / "finetuned"
-    train_test.train_in_process(pretrained, 10)
+def test_frozen_encoder_stays_bit_identical(trained_tiny_dir, task_name, tmp_path,  # noqa: F811
+                                            capsys):
+    pretrained, finetuned = trained_tiny_dir, tmp_path / "finetuned"
     finetune_in_process(finetuned, pretrained, 5, "FROZEN = ['^encoder', 'embedder']")
     out = capsys.readouterr().out
     assert f"Initialised from the checkpoint at step 10 in {pretrained}" in out
@@ -80,13 +80,11 @@ def test_rate_scales_scale_the_first_adamw_update_exactly():
                                    rtol=1e-6, atol=0)
 
 
-def test_bad_init_from_is_one_line(task_name, tmp_path):  # noqa: F811
+def test_bad_init_from_is_one_line(trained_tiny_dir, task_name, tmp_path):  # noqa: F811
     with pytest.raises(FileNotFoundError, match="INIT_FROM '.*' holds no checkpoint"):
         finetune_in_process(tmp_path / "a", tmp_path / "missing", 1)
-    train_test.train_in_process(tmp_path / "small", 1)
     with pytest.raises(ValueError, match="is not of this model .*: use the pretraining run's "
                                          "model gin file"):
-        finetune_in_process(tmp_path / "b", tmp_path / "small", 1,
-                            "models.T5Config.d_model = 64")
+        finetune_in_process(tmp_path / "b", trained_tiny_dir, 1, "models.T5Config.d_model = 64")
     with pytest.raises(ValueError, match="not a regular expression"):
         optimizers.with_parameter_groups(optimizers.adafactor, 1e-3, frozen=["(encoder"])

@@ -2,12 +2,10 @@
 checkpoint, with any decoding method; bad input writes nothing."""
 import json
 import os
-import re
 import subprocess
 import sys
 
 import gin
-import jax
 import numpy as np
 import pytest
 
@@ -25,10 +23,8 @@ INPUTS = ["the cat sat on the <extra_id_0> and looked", "a dog ran in the park",
 
 
 @pytest.fixture(scope="module")
-def trained_dir(task_name, tmp_path_factory):  # noqa: F811
-    model_dir = tmp_path_factory.mktemp("infer_model")
-    train_test.train_in_process(model_dir, 10)
-    return model_dir
+def trained_dir(trained_tiny_dir, task_name):  # noqa: F811
+    return trained_tiny_dir
 
 
 def infer_in_process(model_dir, output, *bindings: str) -> int:
@@ -88,22 +84,27 @@ def test_task_split_predictions_carry_targets(trained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bindings, message", [
-    (["INFER_INPUTS = '/no/such/inputs.txt'"],
-     "INFER_INPUTS file '/no/such/inputs.txt' does not exist"),
     (["DECODE_METHOD = 'nucleus'"], "unknown decoding method 'nucleus'"),
     (["DECODE_METHOD = 'beam'", "DECODE_OPTIONS = {'beam_size': 0}"], "beam_size must be >= 1"),
     (["DECODE_METHOD = 'sample'", "DECODE_OPTIONS = {'top_p': 1.5}"],
      r"top_p must be in \(0, 1\]"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(trained_dir, tmp_path, bindings, message):
+def test_bad_decoding_settings_write_nothing(trained_dir, tmp_path, bindings, message):
+    with pytest.raises(ValueError, match=message):
+        infer_in_process(trained_dir, tmp_path / "out.jsonl", *bindings)
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_input_file_is_one_line_from_the_command_line(trained_dir, tmp_path):
     output = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "t5x_lite.infer", "--gin_file=models/t5_1_1_tiny.gin",
                "--gin_file=runs/infer.gin", f"--gin.MODEL_DIR='{trained_dir}'",
                f"--gin.INFER_OUTPUT='{output}'",
                "--gin.MIXTURE_OR_TASK_NAME='stdlib_span_corruption_bytes'",
-               *[f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings]]
+               "--gin.INFER_INPUTS='/no/such/inputs.txt'"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and re.search(message, line), line
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: INFER_INPUTS file '/no/such/inputs.txt' does not exist: pass a .txt file "
+        "(one input per line) or a .jsonl file")
     assert not os.listdir(tmp_path)

@@ -25,14 +25,18 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def task_name(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
+def register_sentences_task(directory) -> str:
+    """Registers TASK: the byte-level SENTENCES corpus, written under `directory`."""
     train_file, validation_file = directory / "train.txt", directory / "validation.txt"
     train_file.write_text("\n".join(SENTENCES * 50) + "\n")
     validation_file.write_text("\n".join(SENTENCES) + "\n")
     return tasks.register_text_task(TASK, [str(train_file)], vocabulary=vocab.byte_vocabulary(),
                                     validation_files=[str(validation_file)])
+
+
+@pytest.fixture(scope="module")
+def task_name(tmp_path_factory):
+    return register_sentences_task(tmp_path_factory.mktemp("corpus"))
 
 
 def bindings(model_dir, train_steps: int) -> list[str]:
