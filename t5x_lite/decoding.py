@@ -122,21 +122,26 @@ def gather_beams(x_BW, indices_BK: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BW, indices, axis=1)
 
 
-def gather_cache(cache, indices_BW: jax.Array):
-    """Reorders a cache whose arrays hold W beams per row ([B * W, ...], row-major) to the
-    beams `indices_BW`; scalars (cache positions) pass through."""
+def gather_cache(cache, indices_BW: jax.Array, batch_axis: int = 0):
+    """Reorders a cache whose arrays hold W beams per row (B * W rows, row-major, on axis
+    `batch_axis`: 1 where layers are stacked first) to the beams `indices_BW`. Cache
+    positions (no batch axis) pass through, and so do entries named cross_* (the projected
+    encoder output, the same for every beam of a row)."""
     batch_size, beams = indices_BW.shape
 
-    def gather(x):
-        if x.ndim == 0:
+    def gather(path, x):
+        if x.ndim <= batch_axis or "cross_" in jax.tree_util.keystr(path):
             return x
-        return gather_beams(x.reshape(batch_size, beams, *x.shape[1:]),
-                            indices_BW).reshape(x.shape)
-    return jax.tree_util.tree_map(gather, cache)
+        rows_first = jnp.moveaxis(x, batch_axis, 0)
+        gathered = gather_beams(rows_first.reshape(batch_size, beams, *rows_first.shape[1:]),
+                                indices_BW).reshape(rows_first.shape)
+        return jnp.moveaxis(gathered, 0, batch_axis)
+    return jax.tree_util.tree_map_with_path(gather, cache)
 
 
 def beam_search(step_fn: StepFn, cache, batch_size: int, max_decode_length: int, eos_id: int,
-                options: DecodeOptions) -> tuple[jax.Array, jax.Array]:
+                options: DecodeOptions, cache_batch_axis: int = 0
+                ) -> tuple[jax.Array, jax.Array]:
     """Keeps the beam_size most likely unfinished hypotheses per row and the beam_size best
     finished ones (ranked by log-probability / length_penalty). `cache` holds beam_size
     copies of each row ([B * W, ...], row-major). Returns the best finished hypothesis per
@@ -195,7 +200,7 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
             "alive_scores": alive_scores_BW,
             "finished_tokens": gather_beams(pool_tokens, best_BW),
             "finished_scores": finished_scores_BW,
-            "cache": gather_cache(cache, source_BW),
+            "cache": gather_cache(cache, source_BW, cache_batch_axis),
         }
 
     state = jax.lax.while_loop(not_done, step, initial)
@@ -209,11 +214,14 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
 
 
 def decode(method: str, step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
-           eos_id: int, options: DecodeOptions) -> tuple[jax.Array, jax.Array]:
-    """Dispatches to the method; for "beam", `cache` and step_fn work on B * beam_size rows."""
+           eos_id: int, options: DecodeOptions, cache_batch_axis: int = 0
+           ) -> tuple[jax.Array, jax.Array]:
+    """Dispatches to the method; for "beam", `cache` and step_fn work on B * beam_size rows
+    (on axis `cache_batch_axis` of the cache's arrays)."""
     check_method(method)
     if method == "beam":
-        return beam_search(step_fn, cache, batch_size, max_decode_length, eos_id, options)
+        return beam_search(step_fn, cache, batch_size, max_decode_length, eos_id, options,
+                           cache_batch_axis)
     return token_by_token(step_fn, cache, batch_size, max_decode_length, eos_id, method,
                           options)
 

@@ -113,15 +113,18 @@ def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(K) logit scaling (it is folded into the query initialiser).
 
-    With `use_cache` (decoder self-attention while decoding) keys and values live in the
-    "cache" collection: the first call, on full-length inputs, creates a zero cache of that
-    length; each later call takes one position [B, 1, D], writes its key and value at the
-    cache's index and attends over the whole cache (the bias masks positions not yet
-    written).
+    Decoding keeps a "cache" collection. With `cache_length` > 0 (decoder self-attention)
+    the first call creates a zero key/value cache of that many positions; each later call
+    takes one position [B, 1, D], writes its key and value at the cache's index and attends
+    over the whole cache (the bias masks positions not yet written). With
+    `cache_projected_inputs` (attention to the encoder output) the first call stores the
+    projected keys and values of `inputs_kv`, and later calls reuse them instead of
+    projecting the encoder output again at every position.
     """
 
     config: LayerConfig
-    use_cache: bool = False
+    cache_length: int = 0
+    cache_projected_inputs: bool = False
 
     @nn.compact
     def __call__(self, inputs_q_BTD: jax.Array, inputs_kv_BSD: jax.Array, bias_BHTS: jax.Array,
@@ -135,21 +138,27 @@ class MultiHeadAttention(nn.Module):
                              use_bias=False, name=name, dtype=cfg.dtype,
                              kernel_init=partitioned(init, ("embed", "heads", "kv")))
 
-        query_BTHK = projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD)
-        key_BSHK = projection("key", 1.0)(inputs_kv_BSD)
-        value_BSHK = projection("value", 1.0)(inputs_kv_BSD)
-        if self.use_cache:
-            key_BSHK, value_BSHK = self._cached(key_BSHK, value_BSHK)
-        query_BTHK = constrain(query_BTHK, ("batch", "length", "heads", "kv"))
-        key_BSHK = constrain(key_BSHK, ("batch", "length", "heads", "kv"))
-        value_BSHK = constrain(value_BSHK, ("batch", "length", "heads", "kv"))
-
-        logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
+        query_BTHK = constrain(projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD),
+                               ("batch", "length", "heads", "kv"))
+        if self.cache_projected_inputs or self.cache_length:
+            # Decoding: keys [B, H, K, S] and values [B, H, S, K], the layouts in which one
+            # query position attends without transposing the cache at every step.
+            key_BHKS, value_BHSK = self._decoding_keys_values(
+                inputs_kv_BSD, lambda name: projection(name, 1.0))
+            logits_BHTS = jnp.einsum("BTHK,BHKS->BHTS", query_BTHK, key_BHKS)
+            keys_layout, values = "BHSK", value_BHSK
+        else:
+            key_BSHK = constrain(projection("key", 1.0)(inputs_kv_BSD),
+                                 ("batch", "length", "heads", "kv"))
+            values = constrain(projection("value", 1.0)(inputs_kv_BSD),
+                               ("batch", "length", "heads", "kv"))
+            logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
+            keys_layout = "BSHK"
         # Softmax in float32: bfloat16 loses the small probabilities that long contexts need.
         logits_BHTS = logits_BHTS.astype(jnp.float32) + bias_BHTS.astype(jnp.float32)
         weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(cfg.dtype)
         weights_BHTS = nn.Dropout(cfg.dropout_rate)(weights_BHTS, deterministic=deterministic)
-        context_BTHK = jnp.einsum("BHTS,BSHK->BTHK", weights_BHTS, value_BSHK)
+        context_BTHK = jnp.einsum(f"BHTS,{keys_layout}->BTHK", weights_BHTS, values)
 
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                     in_axis=(-3, -2), out_axis=-1)
@@ -159,22 +168,43 @@ class MultiHeadAttention(nn.Module):
             kernel_init=partitioned(out_init, ("heads", "kv", "embed")))(context_BTHK)
         return constrain(output_BTD, ("batch", "length", "embed"))
 
-    def _cached(self, key_BTHK: jax.Array, value_BTHK: jax.Array
+    def _decoding_keys_values(self, inputs_kv_BSD: jax.Array, projection: Callable
+                              ) -> tuple[jax.Array, jax.Array]:
+        """Keys [B, H, K, S] and values [B, H, S, K] to attend to while decoding: the
+        projected encoder output, stored by the first call and reused after; or the
+        self-attention cache with this call's positions written at its index."""
+        if self.cache_projected_inputs and self.has_variable("cache", "cross_key"):
+            return (self.get_variable("cache", "cross_key"),
+                    self.get_variable("cache", "cross_value"))
+        key_BHKS = jnp.transpose(projection("key")(inputs_kv_BSD), (0, 2, 3, 1))
+        value_BHSK = jnp.transpose(projection("value")(inputs_kv_BSD), (0, 2, 1, 3))
+        if self.cache_projected_inputs:
+            if self.is_mutable_collection("cache"):
+                self.put_variable("cache", "cross_key", key_BHKS)
+                self.put_variable("cache", "cross_value", value_BHSK)
+            return key_BHKS, value_BHSK
+        return self._cached(key_BHKS, value_BHSK)
+
+    def _cached(self, key_BHKT: jax.Array, value_BHTK: jax.Array
                 ) -> tuple[jax.Array, jax.Array]:
+        """The self-attention cache (cache_length positions) after writing this call's T
+        positions at its index; the first call creates it empty and attends to its own."""
         initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_BTHK.shape,
-                                   key_BTHK.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value_BTHK.shape,
-                                     value_BTHK.dtype)
+        batch, heads, head_dim, _ = key_BHKT.shape
+        cached_key = self.variable("cache", "cached_key", jnp.zeros,
+                                   (batch, heads, head_dim, self.cache_length), key_BHKT.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                     (batch, heads, self.cache_length, head_dim),
+                                     value_BHTK.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:
-            return key_BTHK, value_BTHK
+            return key_BHKT, value_BHTK
         position = index.value
-        cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key_BTHK,
-                                                               position, axis=1)
+        cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, key_BHKT,
+                                                               position, axis=3)
         cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value,
-                                                                 value_BTHK, position, axis=1)
-        index.value = position + key_BTHK.shape[1]
+                                                                 value_BHTK, position, axis=2)
+        index.value = position + key_BHKT.shape[3]
         return cached_key.value, cached_value.value
 
 
@@ -266,13 +296,14 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Causal self-attention, attention to the encoder output, then MLP. With `cached` the
-    self-attention keeps keys and values in a cache (decoding one position at a time)."""
+    """Causal self-attention, attention to the encoder output, then MLP. With `cache_length`
+    > 0 (decoding one position at a time) the self-attention keeps that many positions of
+    keys and values in a cache, and the attention to the encoder output its projections."""
 
     config: LayerConfig
     mlp_block: Callable[..., nn.Module] = Mlp
     extra_dense_mlp: bool = False
-    cached: bool = False
+    cache_length: int = 0
 
     @nn.compact
     def __call__(self, y_BTD: jax.Array, encoded_BLD: jax.Array, self_bias_BHTT: jax.Array,
@@ -282,12 +313,13 @@ class DecoderLayer(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BTD = rms_norm(cfg, "pre_self_attention_norm")(y_BTD)
         y_BTD = y_BTD + dropout(
-            MultiHeadAttention(cfg, self.cached, name="self_attention")(
+            MultiHeadAttention(cfg, self.cache_length, name="self_attention")(
                 normed_BTD, normed_BTD, self_bias_BHTT, deterministic),
             deterministic)
         normed_BTD = rms_norm(cfg, "pre_cross_attention_norm")(y_BTD)
         y_BTD = y_BTD + dropout(
-            MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+            MultiHeadAttention(cfg, cache_projected_inputs=self.cache_length > 0,
+                               name="encoder_decoder_attention")(
                 normed_BTD, encoded_BLD, cross_bias_BHTL, deterministic), deterministic)
         y_BTD = feed_forward(y_BTD, valid_BT, deterministic, cfg, self.mlp_block,
                              self.extra_dense_mlp)

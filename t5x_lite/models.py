@@ -40,6 +40,7 @@ class T5Config:
     dropout_rate: float = 0.0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
     activation_dtype: Any = jnp.float32  # float32 or bfloat16; parameters stay float32.
     z_loss: float = 1e-4
     # Memory: what each layer keeps for the backward pass (layers.REMAT_POLICIES), and whether
@@ -76,15 +77,16 @@ class T5Config:
         return layers.LayerConfig(
             d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
             d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
-            dropout_rate=self.dropout_rate, dtype=self.activation_dtype)
+            dropout_rate=self.dropout_rate, dtype=self.activation_dtype,
+            layer_norm_epsilon=self.layer_norm_epsilon)
 
 
 class Transformer(nn.Module):
-    """Encoder and decoder stacks sharing one token embedding. With `cached_decoding` the
-    decoder's self-attention keeps a key/value cache (see decode)."""
+    """Encoder and decoder stacks sharing one token embedding. With `decode_cache_length`
+    > 0 the decoder keeps a key/value cache of that many positions (see decode)."""
 
     config: T5Config
-    cached_decoding: bool = False
+    decode_cache_length: int = 0
 
     def setup(self):
         cfg, layer_cfg = self.config, self.config.layer_config()
@@ -104,17 +106,18 @@ class Transformer(nn.Module):
                                               cfg.scan_layers)
         decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 6,
                                               cfg.scan_layers)
-        cached = self.cached_decoding
+        cache_length = self.decode_cache_length
         if cfg.scan_layers:
             # One module whose parameters carry a leading layers dimension.
             self.encoder_layers = encoder_layer(layer_cfg, name="encoder_layers")
-            self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers", cached=cached)
+            self.decoder_layers = decoder_layer(layer_cfg, name="decoder_layers",
+                                                cache_length=cache_length)
         else:
             self.encoder_layers = [
                 encoder_layer(layer_cfg, name=f"encoder_layer_{i}", **self._mlp_of(i, False))
                 for i in range(cfg.num_encoder_layers)]
             self.decoder_layers = [
-                decoder_layer(layer_cfg, name=f"decoder_layer_{i}", cached=cached,
+                decoder_layer(layer_cfg, name=f"decoder_layer_{i}", cache_length=cache_length,
                               **self._mlp_of(i, True))
                 for i in range(cfg.num_decoder_layers)]
         self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
@@ -159,13 +162,14 @@ class Transformer(nn.Module):
 
     def decode(self, encoded_BLD: jax.Array, encoder_segment_ids: jax.Array,
                decoder_input_tokens: jax.Array, decoder_segment_ids: jax.Array,
-               deterministic: bool = True, decode_position: jax.Array | None = None,
-               cache_length: int | None = None) -> jax.Array:
+               deterministic: bool = True, decode_position: jax.Array | None = None
+               ) -> jax.Array:
         """Returns float32 logits [B, T, V] for every decoder position.
 
-        Cached decoding (cached_decoding=True, "cache" mutable): a first call on full-length
-        inputs [B, cache_length] creates the cache; then each call passes one token per row
-        [B, 1] at `decode_position`, which attends to the cache up to that position.
+        Cached decoding (decode_cache_length > 0, "cache" mutable): a first call without
+        `decode_position` creates the cache (an empty self-attention cache, and the projected
+        encoder output); then each call passes one token per row [B, 1] at
+        `decode_position`, which attends to the cache up to that position.
         """
         cfg = self.config
         dtype = cfg.activation_dtype
@@ -176,6 +180,7 @@ class Transformer(nn.Module):
                               + layers.mask_to_bias(layers.attention_mask(
                                   decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
         else:
+            cache_length = self.decode_cache_length
             written_S = jnp.arange(cache_length) <= decode_position
             self_bias_BHTT = (self.decoder_relative_bias(length, cache_length, decode_position)
                               + layers.mask_to_bias(written_S[None, None, None, :], dtype))
@@ -326,32 +331,30 @@ class EncoderDecoderModel:
         copies = settings.beam_size if method == "beam" else 1
         step_fn, cache = self.cached_decoder(params, batch, max_decode_length, copies)
         batch_size = batch["encoder_input_tokens"].shape[0]
+        # Scanned layers stack their caches on a leading layers axis.
         return decoding.decode(method, step_fn, cache, batch_size, max_decode_length, eos_id,
-                               settings)
+                               settings, cache_batch_axis=1 if self.config.scan_layers else 0)
 
     def cached_decoder(self, params: Params, batch: Batch, max_decode_length: int,
                        copies: int = 1) -> tuple[decoding.StepFn, Any]:
-        """(step_fn, empty cache) for decoding the batch's encoder inputs: the encoder runs
-        here, once; step_fn(tokens [R, 1], position, cache) -> (logits [R, V], cache) runs
-        the decoder on one position, where R = B * copies (each row repeated `copies` times
-        in a row, for beam search)."""
+        """(step_fn, initial cache) for decoding the batch's encoder inputs: the encoder and
+        the decoder's projections of its output run here, once; step_fn(tokens [R, 1],
+        position, cache) -> (logits [R, V], cache) runs the decoder on one position, where
+        R = B * copies (each row repeated `copies` times in a row, for beam search)."""
         batch = with_segment_ids(batch)
         encoded_RLD = jnp.repeat(self.encode(params, batch), copies, axis=0)
         segment_ids = jnp.repeat(batch["encoder_segment_ids"], copies, axis=0)
-        module = Transformer(self.config, cached_decoding=True)
+        module = Transformer(self.config, decode_cache_length=max_decode_length)
 
         def run_decoder(tokens, cache=None, position=None):
             variables = {"params": params} if cache is None else {"params": params,
                                                                    "cache": cache}
             return module.apply(variables, encoded_RLD, segment_ids, tokens,
                                 jnp.ones_like(tokens), decode_position=position,
-                                cache_length=max_decode_length, method=Transformer.decode,
-                                mutable=["cache"])
+                                method=Transformer.decode, mutable=["cache"])
 
-        # The cache's shapes come from a full-length call, traced but never run.
-        full_length = jnp.zeros((encoded_RLD.shape[0], max_decode_length), jnp.int32)
-        cache = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-            lambda: run_decoder(full_length)[1]["cache"]))
+        # A call on one position creates the cache; its logits are not used.
+        cache = run_decoder(jnp.zeros((encoded_RLD.shape[0], 1), jnp.int32))[1]["cache"]
 
         def step_fn(tokens_R1, position, cache):
             logits_R1V, state = run_decoder(tokens_R1, cache, position)

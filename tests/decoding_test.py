@@ -1,6 +1,7 @@
 """Decoding: the key/value cache against recomputing the whole prefix, sampling limits against
 greedy, top-k / top-p on a hand-made distribution, exhaustive beam search against brute-force
 enumeration with T5X's length penalty, and bad options as one-line errors."""
+import dataclasses
 import itertools
 
 import jax
@@ -179,3 +180,22 @@ def test_bad_decoding_options_are_one_line(model_and_params, method, options, me
     with pytest.raises(ValueError, match=message):
         model.predict_batch(params, encoder_inputs(), max_decode_length=2, method=method,
                             **options)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_scanned_layers_decode_like_the_loop(model_and_params, method):
+    """A scan_layers model (caches stacked on a leading layers axis) with the same weights
+    decodes the same tokens, beam search included."""
+    model, params = model_and_params
+    stacked = dict(params)
+    for stack in ("encoder", "decoder"):
+        layers = [stacked.pop(f"{stack}_layer_{i}") for i in range(2)]
+        stacked[f"{stack}_layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    scanned = models.EncoderDecoderModel(dataclasses.replace(CONFIG, scan_layers=True))
+    options = {"beam_size": 3, "alpha": 0.6} if method == "beam" else {}
+    expected, expected_scores = model.predict_batch(params, encoder_inputs(), 6, method,
+                                                    eos_id=EOS, **options)
+    tokens, scores = scanned.predict_batch(stacked, encoder_inputs(), 6, method,
+                                           eos_id=EOS, **options)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(expected))
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(expected_scores), rtol=1e-5)
