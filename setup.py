@@ -19,6 +19,11 @@ setuptools.setup(
         "tensorboard",
         "tqdm",
         "matplotlib",
+        "safetensors",  # Hugging Face T5 import / export (never pickles)
+        "sacrebleu",  # BLEU
+        "rouge-score",  # ROUGE
     ],
-    extras_require={"test": ["pytest"]},
+    # The tests check parity with transformers' T5 on the CPU build of torch (constraints.txt
+    # pins the CPU build that pip finds on this project's machines).
+    extras_require={"test": ["pytest", "torch", "transformers"]},
 )

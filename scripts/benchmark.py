@@ -7,7 +7,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python scripts/benchmark.py state --preset t5_1_1_small   # 8 CPU devices stand in
   python scripts/benchmark.py moe --preset switch_tiny --batch 8 --inputs 512 --targets 114
-  python scripts/benchmark.py decode --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py decode --preset t5_1_1_small --batch 8 --inputs 512 --targets 114 \\
+      [--compare-hf]
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -31,6 +32,9 @@ Figures (each measured in the run that prints it; add --json for one JSON object
                               (a beam's W hypotheses count once), with a random-weight model
                               forced to decode all `targets` tokens; decode_seconds is the
                               median of --repeats jitted predict_batch calls after compiling
+         ratio_to_transformers   with --compare-hf: t5x_lite tokens/s / transformers' (same
+                              weights, inputs and lengths; generate forced to `targets` new
+                              tokens; the two timed in turn, A B A B ...)
   moe    the train figures of an MoE preset and of its dense counterpart (same widths), plus
          parameters, active_parameters   all parameters, and those one token passes through
                               (each sparse MLP counted as its K chosen experts and its router)
@@ -47,6 +51,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 # Before TensorFlow or JAX is imported (here, in the measuring children, or by gin).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -264,10 +269,11 @@ def run_moe(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def measure_decode(preset: str, batch: int, inputs: int, targets: int, method: str,
-                   options: dict, repeats: int) -> dict:
-    """Median seconds of one jitted predict_batch call on random encoder inputs, decoding
-    exactly `targets` tokens per row (EOS is an id no row emits, so no row stops early)."""
+def decode_timer(preset: str, batch: int, inputs: int, targets: int, method: str,
+                 options: dict) -> tuple[Callable[[], None], dict]:
+    """(run once and wait, the model's parameters): one jitted predict_batch call on random
+    encoder inputs, decoding exactly `targets` tokens per row (EOS is an id no row emits,
+    so no row stops early)."""
     import jax
     import numpy as np
     from t5x_lite import models
@@ -279,25 +285,97 @@ def measure_decode(preset: str, batch: int, inputs: int, targets: int, method: s
     predict = jax.jit(lambda p, t: model.predict_batch(
         p, {"encoder_input_tokens": t}, max_decode_length=targets, method=method,
         eos_id=config.vocab_size, **options))
-    seconds = []
-    for _ in range(1 + repeats):  # Compilation first.
-        start = time.perf_counter()
-        jax.block_until_ready(predict(params, tokens))
-        seconds.append(time.perf_counter() - start)
+    return lambda: jax.block_until_ready(predict(params, tokens)), params
+
+
+def hf_decode_timer(preset: str, params, batch: int, inputs: int, targets: int, method: str,
+                    options: dict) -> Callable[[], None]:
+    """transformers' generate on the same weights and inputs (float32, CPU): greedy or beam
+    search with num_beams = beam_size, forced to `targets` new tokens."""
+    import numpy as np
+    import torch
+    import transformers
+    from t5x_lite import hf
+
+    config = model_config_of(preset)
+    hf_config = hf.config_to_hf(config)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_config)).eval()
+    tensors = {name: torch.from_numpy(np.array(value))
+               for name, value in hf.tensors_from_params(params, config).items()}
+    model.load_state_dict(tensors, strict=False)
+    if not config.tie_embeddings:  # transformers 5 ties the head whatever the config says
+        model.lm_head.weight = torch.nn.Parameter(tensors["lm_head.weight"])
+    tokens = torch.from_numpy(
+        np.random.default_rng(0).integers(2, config.vocab_size, (batch, inputs)))
+    search = ({"num_beams": options.get("beam_size", 4), "length_penalty": options.get(
+        "alpha", 0.6)} if method == "beam" else {"num_beams": 1})
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens),
+                           max_new_tokens=targets, min_new_tokens=targets, do_sample=False,
+                           **search)
+
+    return run
+
+
+def decode_row(preset: str, who: str, method: str, options: dict, batch: int, inputs: int,
+               targets: int, seconds: list[float]) -> dict:
     decode_seconds = statistics.median(seconds[1:])
-    return {"what": "decode", "preset": preset, "device": device_name(), "method": method,
-            **options, "batch": batch, "inputs": inputs, "targets": targets,
+    return {"what": "decode", "preset": preset, "implementation": who, "device": device_name(),
+            "method": method, **options, "batch": batch, "inputs": inputs, "targets": targets,
             "decode_seconds": decode_seconds,
             "tokens_per_second": batch * targets / decode_seconds,
-            "compile_seconds": seconds[0]}
+            "first_call_seconds": seconds[0]}
+
+
+def timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def measure_decode(preset: str, batch: int, inputs: int, targets: int, method: str,
+                   options: dict, repeats: int, compare_hf: bool = False) -> list[dict]:
+    """Median seconds of `repeats` decoding calls after a first (compiling) one; with
+    `compare_hf` transformers' generate on the same weights, timed in turn with ours
+    (A B A B ...), and the ratio of tokens/s ours / theirs."""
+    ours, params = decode_timer(preset, batch, inputs, targets, method, options)
+    runs = {"t5x_lite": ours}
+    if compare_hf:
+        runs["transformers"] = hf_decode_timer(preset, params, batch, inputs, targets, method,
+                                               options)
+    seconds = {who: [] for who in runs}
+    for _ in range(1 + repeats):
+        for who, run in runs.items():
+            seconds[who].append(timed(run))
+    rows = [decode_row(preset, who, method, options, batch, inputs, targets, seconds[who])
+            for who in runs]
+    if compare_hf:
+        rows[0]["ratio_to_transformers"] = (rows[0]["tokens_per_second"]
+                                            / rows[1]["tokens_per_second"])
+    return rows
+
+
+def check_transformers() -> None:
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise launch.UsageError(f"--compare-hf needs {' and '.join(missing)}: pip install -e "
+                                f"'.[test]' installs them")
 
 
 def run_decode(args: argparse.Namespace) -> list[dict]:
     """Greedy and beam-search decoding throughput of a preset, measured in this run."""
     check_preset(args.preset)
-    return [measure_decode(args.preset, args.batch, args.inputs, args.targets, method,
-                           options, args.repeats)
-            for method, options in (("greedy", {}), ("beam", {"beam_size": args.beam_size}))]
+    if args.compare_hf:
+        check_transformers()
+    rows = []
+    for method, options in (("greedy", {}), ("beam", {"beam_size": args.beam_size})):
+        rows += measure_decode(args.preset, args.batch, args.inputs, args.targets, method,
+                               options, args.repeats, args.compare_hf)
+    return rows
 
 
 RULE_TABLES = ("data", "fsdp", "fsdp_tensor")
@@ -462,6 +540,8 @@ def build_parser() -> ArgumentParser:
     decode_parser.add_argument("--preset", required=True)
     add_sizes(decode_parser)
     decode_parser.add_argument("--beam-size", type=int_at_least(1), default=4)
+    decode_parser.add_argument("--compare-hf", action="store_true",
+                               help="also time transformers' generate on the same weights")
     decode_parser.add_argument("--repeats", type=int_at_least(1), default=3,
                                help="timed calls after compilation")
     decode_parser.set_defaults(run=run_decode)

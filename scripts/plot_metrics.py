@@ -1,6 +1,8 @@
-"""Draws loss, accuracy and throughput curves of a run to MODEL_DIR/metrics.png.
+"""Draws loss, accuracy and throughput curves of a run to MODEL_DIR/metrics.png; with
+--before-after also prints the task metrics (BLEU, ROUGE, ...) of the first and the last
+validation step that computed them.
 
-  python scripts/plot_metrics.py MODEL_DIR [--out FILE]
+  python scripts/plot_metrics.py MODEL_DIR [--out FILE] [--before-after]
 """
 import argparse
 import json
@@ -19,6 +21,24 @@ PANELS = (("loss", "loss (per target token)"), ("accuracy", "token accuracy"),
 def read_rows(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Validation keys that are not task metrics.
+LOSS_KEYS = {"step", "split", "loss", "accuracy", "z_loss", "target_tokens"}
+
+
+def before_after(rows: list[dict]) -> str | None:
+    """A table of each task metric at the first and last step that has it, or None."""
+    scored = [r for r in rows if r.get("split") == "validation"
+              and any(key not in LOSS_KEYS and not key.startswith("moe") for key in r)]
+    if not scored:
+        return None
+    first, last = min(scored, key=lambda r: r["step"]), max(scored, key=lambda r: r["step"])
+    names = [key for key in first if key not in LOSS_KEYS and not key.startswith("moe")]
+    lines = [f"{'metric':<20}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
+    lines += [f"{name:<20}{first[name]:>12.2f}{last.get(name, float('nan')):>12.2f}"
+              for name in names]
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], out_path: str) -> None:
@@ -42,6 +62,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("--out", default=None, help="PNG path (default MODEL_DIR/metrics.png)")
+    parser.add_argument("--before-after", action="store_true",
+                        help="print the task metrics of the first and last scored steps")
     args = parser.parse_args(argv)
     metrics_path = os.path.join(args.model_dir, "metrics.jsonl")
     if not os.path.exists(metrics_path):
@@ -49,8 +71,12 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     out_path = args.out or os.path.join(args.model_dir, "metrics.png")
-    plot(read_rows(metrics_path), out_path)
+    rows = read_rows(metrics_path)
+    plot(rows, out_path)
     print(f"Wrote {out_path}")
+    if args.before_after:
+        print(before_after(rows) or "No task metrics in this run (METRICS_PERIOD = 0, or a "
+              "task without metric functions).")
     return 0
 
 

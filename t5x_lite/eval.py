@@ -1,5 +1,7 @@
 """Evaluation entry point: restores the newest checkpoint in MODEL_DIR, reports validation
-loss and token accuracy, and prints infillings (the masked snippet, the model's fill, the truth).
+loss and token accuracy, the task's metrics when it has any (a supervised task: BLEU, ROUGE,
+... of decoded predictions, through seqio's evaluator), and prints a few examples (input,
+the model's output, the truth).
 
   python -m t5x_lite.eval --gin_file=gin/quickstart.gin
 """
@@ -11,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from t5x_lite import checkpoints
+from t5x_lite import evaluation
 from t5x_lite import launch
 from t5x_lite import metrics_io
 from t5x_lite import models
@@ -60,9 +63,27 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
              vocab.show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
 
 
+def task_metrics(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh,
+                 rules, step: int, max_examples: int | None,
+                 decode: evaluation.DecodeSettings) -> dict[str, float]:
+    """The task's metrics (BLEU, ROUGE, ...) on predictions for its validation split."""
+    metrics = evaluation.TaskMetrics(data.mixture_or_task_name, "validation",
+                                     dict(data.task_feature_lengths), data.batch_size,
+                                     max_examples)
+    vocabulary = tasks.get_task_or_mixture(
+        data.mixture_or_task_name).output_features["targets"].vocabulary
+    predict = evaluation.predictor(model, mesh, rules, metrics.decode_length,
+                                   vocabulary.eos_id, decode)
+    return metrics(predict, params, step)
+
+
 def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
         model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
-        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> dict[str, float]:
+        mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
+        metrics_examples: int | None = None,
+        decode: evaluation.DecodeSettings = evaluation.DecodeSettings()) -> dict[str, float]:
+    """Validation loss and token accuracy; for a task with metric functions also its metrics
+    on `metrics_examples` decoded validation examples (None: all of them)."""
     mesh = partitioning.create_mesh(mesh_config)
     moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     rules = mesh_config.rules
@@ -77,12 +98,19 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
               f"({scores['target_tokens']:,.0f} target tokens)")
     for line in metrics_io.format_moe_lines(scores):
         train.say(line)
+    supervised = evaluation.has_metrics(data.mixture_or_task_name)
+    if supervised:
+        values = task_metrics(model, params, data, mesh, rules, step, metrics_examples, decode)
+        train.say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
+        scores.update(values)
     metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
+    headings = (("example", "input", "model output", "target") if supervised else
+                ("infilling", "input (spans masked)", "model fill", "true fill"))
     for index, (masked, predicted, truth) in enumerate(
             infillings(model, params, data, mesh, rules, num_infillings)):
-        # Fills are short: show them on one line each, newlines escaped, to compare by eye.
-        train.say(f"\n--- infilling {index + 1} ---\ninput (spans masked):\n{masked}\n"
-                  f"model fill: {predicted!r}\ntrue fill:  {truth!r}")
+        # Outputs are short: one line each, newlines escaped, to compare by eye.
+        train.say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
+                  f"{headings[2]}: {predicted!r}\n{headings[3]}: {truth!r}")
     return scores
 
 

@@ -15,16 +15,15 @@ from typing import Iterator
 import gin
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from t5x_lite import decoding
 from t5x_lite import eval as eval_lib
+from t5x_lite import evaluation
 from t5x_lite import launch
 from t5x_lite import models
 from t5x_lite import moe
 from t5x_lite import partitioning
 from t5x_lite import train
-from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab
@@ -112,13 +111,12 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     decode_length = max_decode_length or data.task_feature_lengths["targets"]
     examples = (file_examples(texts, vocabulary, input_length) if texts is not None
                 else split_examples(data, split, vocabulary))
-    predict = trainer_lib.in_mesh(jax.jit(lambda p, tokens: model.predict_batch(
-        p, {"encoder_input_tokens": tokens}, max_decode_length=decode_length,
-        method=method, eos_id=vocabulary.eos_id, **vars(options))), mesh, mesh_config.rules)
+    predict = evaluation.predictor(model, mesh, mesh_config.rules, decode_length,
+                                   vocabulary.eos_id,
+                                   evaluation.DecodeSettings(method, vars(options)))
     rows = []
     for group, tokens in batches_of(examples, data.batch_size, input_length, max_examples):
-        predicted, scores = predict(params, _host_share(tokens, mesh))
-        predicted, scores = _gathered(predicted), _gathered(scores)
+        predicted, scores = predict(params, tokens)
         for row, example in enumerate(group):
             record = {"input": example["input"],
                       "prediction": vocab.show_ids(vocabulary, predicted[row]),
@@ -131,20 +129,6 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     train.say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method}) to "
               f"{output_file}")
     return len(rows)
-
-
-def _host_share(tokens: np.ndarray, mesh) -> dict:
-    """Every host holds the whole batch; each passes its own rows to the global array."""
-    share = len(tokens) // jax.process_count()
-    local = tokens[jax.process_index() * share:(jax.process_index() + 1) * share]
-    return partitioning.global_batch({"encoder_input_tokens": local}, mesh)[
-        "encoder_input_tokens"]
-
-
-def _gathered(array) -> np.ndarray:
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
 
 
 def _write_atomically(path: str, rows: list[dict]) -> None:

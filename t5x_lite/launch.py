@@ -165,7 +165,8 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
 
 
 # Gin reports a missing required binding as a RuntimeError; configs raise ValueError.
-BAD_INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, PermissionError, RuntimeError)
+BAD_INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                    RuntimeError)
 
 
 def first_line(error: BaseException) -> str:

@@ -73,6 +73,11 @@ MOE_PREFIX = "moe/"
 MOST_EXPERTS_LISTED = 16  # Beyond this many, a log line gives the least and most loaded.
 
 
+def format_task_metrics(values: dict[str, float]) -> str:
+    """"bleu 12.34  rouge1 40.10 ..." for task metrics (percentages)."""
+    return "  ".join(f"{name} {value:.2f}" for name, value in values.items())
+
+
 def format_moe_lines(metrics: dict[str, Any]) -> list[str]:
     """One line per sparse MLP layer from `moe/<layer>/<name>` metrics: load-balancing and
     router z-losses, the share of choices dropped for capacity, and the share of tokens each

@@ -16,6 +16,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from t5x_lite import checkpoints
+from t5x_lite import evaluation
+from t5x_lite import hf
 from t5x_lite import launch
 from t5x_lite import metrics_io
 from t5x_lite import models
@@ -69,12 +71,21 @@ class LoopConfig:
     eval_steps: int | None = None  # None: the whole validation split.
     log_period: int = 100
     seed: int = 0
+    # Decode the validation split and score the task's metrics (BLEU, ROUGE, ...) every
+    # metrics_period steps, at step 0 and at the end; 0 never does.
+    metrics_period: int = 0
+    metrics_examples: int | None = None  # None: the whole validation split.
 
     def __post_init__(self):
         for name in ("train_steps", "checkpoint_period", "eval_period", "log_period",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.metrics_period < 0:
+            raise ValueError(f"metrics_period must be >= 0 (0: off), got {self.metrics_period}")
+        if self.metrics_examples is not None and self.metrics_examples < 1:
+            raise ValueError(f"metrics_examples must be >= 1 or None, got "
+                             f"{self.metrics_examples}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1 or None, got {self.eval_steps}")
 
@@ -184,8 +195,11 @@ def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
 
 
 def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_lib.TrainState:
-    """Step 0 with the parameters of the newest checkpoint in `model_dir` (a model of this
-    architecture) and a fresh optimizer state: the start of a fine-tuning run."""
+    """Step 0 with the parameters of the newest checkpoint in `model_dir` (a MODEL_DIR, or a
+    Hugging Face T5 directory, of this architecture) and a fresh optimizer state: the start
+    of a fine-tuning run."""
+    if os.path.isfile(os.path.join(model_dir, hf.CONFIG_FILE)):
+        return hf_state(trainer, model_dir)
     manager = checkpoints.create_manager(model_dir, read_only=True)
     try:
         step, params = checkpoints.restore_params(manager,
@@ -199,6 +213,35 @@ def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_li
                          "model gin file") from None
     say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
         "fresh optimizer state, step 0.")
+    return trainer.state_from_params(params)
+
+
+# T5Config fields that change what the parameters compute; the rest (dropout, dtype, remat,
+# z-loss) are the fine-tuning run's own choice.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+                       "num_encoder_layers", "num_decoder_layers", "activation", "gated_mlp",
+                       "tie_embeddings", "relative_attention_num_buckets",
+                       "relative_attention_max_distance", "layer_norm_epsilon")
+
+
+def hf_state(trainer: trainer_lib.Trainer, hf_dir: str) -> trainer_lib.TrainState:
+    """Step 0 with the parameters of a Hugging Face T5 directory, sharded like the trainer's."""
+    hf_model, params = hf.load_t5(hf_dir)
+    ours = trainer.model.config
+    for field in ARCHITECTURE_FIELDS:
+        theirs, mine = getattr(hf_model.config, field), getattr(ours, field)
+        if field == "activation":
+            theirs, mine = hf.activation_name(theirs), hf.activation_name(mine)
+        if theirs != mine:
+            raise ValueError(f"INIT_FROM {hf_dir!r} has {field} = {theirs}, the gin model "
+                             f"{mine}: bind models.T5Config.{field} = {theirs} (or use the "
+                             f"matching gin/models/ preset)")
+    if ours.scan_layers or ours.moe is not None:
+        raise ValueError("a Hugging Face T5 has separate dense layers: fine-tune it with "
+                         "models.T5Config.scan_layers = False and moe = None")
+    params = jax.device_put(params, trainer.state_shardings.params)
+    say(f"Initialised from the Hugging Face T5 in {hf_dir}: parameters only, fresh optimizer "
+        "state, step 0.")
     return trainer.state_from_params(params)
 
 
@@ -316,8 +359,10 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     batches = data.batches("train", shuffle=True, seed=loop.seed + start_step, repeat=True)
     lengths = data.task_feature_lengths
     tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
+    report_metrics = task_metrics_reporter(trainer, data, loop, writer)
     if start_step == 0:
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
+        report_metrics(state, say)
     progress = Progress(start_step, loop.train_steps)
     pending, period_start, timed_from = [], time.perf_counter(), None
     paused = 0.0  # Seconds of this logging period spent evaluating or checkpointing.
@@ -348,6 +393,9 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
         pause_start = time.perf_counter()
         if step % loop.eval_period == 0 or step == loop.train_steps:
             report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
+        if loop.metrics_period and (step % loop.metrics_period == 0
+                                    or step == loop.train_steps):
+            report_metrics(state, progress.print)
         if step % loop.checkpoint_period == 0 or step == loop.train_steps:
             checkpoints.save(manager, state)
         paused += time.perf_counter() - pause_start
@@ -365,6 +413,34 @@ def report_eval(writer: metrics_io.MetricsWriter, eval_step: Callable,
     writer.write(step, scores, "validation")
     print_line(f"step {step:>6d}  validation loss {scores['loss']:.4f}  "
                f"accuracy {scores['accuracy']:.4f}")
+
+
+def task_metrics_reporter(trainer: trainer_lib.Trainer, data: DataConfig, loop: LoopConfig,
+                          writer: metrics_io.MetricsWriter) -> Callable:
+    """report(state, print_line): decodes the validation split greedily and writes and
+    prints the task's metrics; does nothing when metrics_period is 0 or the task has no
+    metric functions. The examples are read once, here."""
+    if not loop.metrics_period:
+        return lambda state, print_line: None
+    if not evaluation.has_metrics(data.mixture_or_task_name):
+        say(f"METRICS_PERIOD is {loop.metrics_period}, but {data.mixture_or_task_name!r} has no "
+            "metric functions: only the validation loss is reported.")
+        return lambda state, print_line: None
+    task_metrics = evaluation.TaskMetrics(
+        data.mixture_or_task_name, "validation", dict(data.task_feature_lengths),
+        data.batch_size, loop.metrics_examples)
+    vocabulary = tasks.get_task_or_mixture(
+        data.mixture_or_task_name).output_features["targets"].vocabulary
+    predict = evaluation.predictor(trainer.model, trainer.mesh, trainer.rules,
+                                   task_metrics.decode_length, vocabulary.eos_id)
+
+    def report(state: trainer_lib.TrainState, print_line: Callable[[str], None]) -> None:
+        step = int(state.step)
+        values = task_metrics(predict, state.params, step)
+        writer.write(step, values, "validation")
+        print_line(f"step {step:>6d}  validation {metrics_io.format_task_metrics(values)}")
+
+    return report
 
 
 def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:

@@ -112,11 +112,17 @@ def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
 
 
 def test_decode_rows_are_tokens_over_seconds():
+    pytest.importorskip("transformers")
     rows = json_rows(run_benchmark("decode", "--preset", "t5_1_1_tiny", "--batch", "2",
                                    "--inputs", "16", "--targets", "4", "--repeats", "1",
-                                   "--beam-size", "3", "--json"))
-    assert [(row["method"], row.get("beam_size")) for row in rows] == [("greedy", None),
-                                                                      ("beam", 3)]
+                                   "--beam-size", "3", "--compare-hf", "--json"))
+    assert [(row["implementation"], row["method"], row.get("beam_size")) for row in rows] == [
+        ("t5x_lite", "greedy", None), ("transformers", "greedy", None),
+        ("t5x_lite", "beam", 3), ("transformers", "beam", 3)]
     for row in rows:
         np.testing.assert_allclose(row["tokens_per_second"], 2 * 4 / row["decode_seconds"],
+                                   rtol=1e-9)
+    for ours, theirs in (rows[0:2], rows[2:4]):
+        np.testing.assert_allclose(ours["ratio_to_transformers"],
+                                   ours["tokens_per_second"] / theirs["tokens_per_second"],
                                    rtol=1e-9)

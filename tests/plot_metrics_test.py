@@ -35,3 +35,19 @@ def test_missing_run_is_one_line_error(tmp_path):
     result = run(str(tmp_path / "nothing_here"))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_before_after_prints_first_and_last_task_metrics(tmp_path):
+    rows = [{"step": 0, "split": "validation", "loss": 7.0, "accuracy": 0.1},
+            {"step": 0, "split": "validation", "bleu": 0.5, "rougeL": 2.25},
+            {"step": 10, "split": "train", "loss": 5.0, "accuracy": 0.2},
+            {"step": 20, "split": "validation", "bleu": 12.0, "rougeL": 30.125},
+            {"step": 40, "split": "validation", "bleu": 20.5, "rougeL": 41.0,
+             "loss": 3.0, "accuracy": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    result = run(str(tmp_path), "--before-after")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-3:] == [
+        "metric                    step 0     step 40",
+        "bleu                        0.50       20.50",
+        "rougeL                      2.25       41.00"]

@@ -7,11 +7,13 @@ The embedded corpus is the running interpreter's standard library: `.py` files o
 `site-packages` and test directories. On CPython 3.11.7 that is 734 files, 12.1 MB (12,118,641
 bytes); 16 of them (2.2% of files, 0.12 MB) form the validation split.
 """
+import ast
 import functools
 import hashlib
 import json
 import os
 import sysconfig
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -153,6 +155,122 @@ def text_files_source(files: str | Sequence[str],
             paths = [paths[i] for i in rng.permutation(len(paths))]
         return functools.reduce(tf.data.Dataset.concatenate,
                                 [_file_documents(path, jsonl_documents, rng) for path in paths])
+
+    return seqio.FunctionDataSource(dataset_fn, splits=splits)
+
+
+# Docstring summaries: first lines of at least this many words, inputs cut to this many
+# characters (longer than any input length the tokens would allow).
+MIN_SUMMARY_WORDS = 3
+MAX_FUNCTION_CHARS = 4000
+
+
+def function_summaries(source: str) -> list[tuple[str, str]]:
+    """(function without its docstring, first line of the docstring) for every function of
+    a Python source text that has a docstring; the function is dedented to its `def`."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    pairs = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node)
+        summary = docstring.strip().splitlines()[0].strip() if docstring else ""
+        if len(summary.split()) < MIN_SUMMARY_WORDS or len(node.body) < 2:
+            continue
+        docstring_node = node.body[0]
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        kept = (lines[first - 1:docstring_node.lineno - 1]
+                + lines[docstring_node.end_lineno:node.end_lineno])
+        pairs.append((textwrap.dedent("\n".join(kept))[:MAX_FUNCTION_CHARS], summary))
+    return pairs
+
+
+@functools.cache
+def _stdlib_summaries(split: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for path in stdlib_files(split):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            pairs.extend(function_summaries(f.read()))
+    return tuple(pairs)
+
+
+def stdlib_docstrings_source() -> seqio.DataSource:
+    """A supervised task from the embedded corpus: a standard-library function, its docstring
+    removed -> the docstring's first line. Split by file, as pretraining's corpus, so no
+    validation function was seen in pretraining; parsed on first use (a few seconds)."""
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, STDLIB_SPLITS)
+        pairs = list(_stdlib_summaries(split))
+        if shuffle_files:
+            pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
+        return _pairs_dataset(pairs)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=STDLIB_SPLITS)
+
+
+def _pairs_dataset(pairs: Sequence[tuple[str, str]]) -> tf.data.Dataset:
+    inputs, targets = zip(*pairs)
+    return tf.data.Dataset.from_tensor_slices(
+        {"inputs": tf.constant(inputs, tf.string), "targets": tf.constant(targets, tf.string)})
+
+
+def _read_supervised_pairs(path: str, input_field: str, target_field: str
+                           ) -> list[tuple[str, str]]:
+    """(input, target) pairs of a .jsonl file (two string fields per line) or a .tsv file
+    (input TAB target per line; fields hold no tabs or newlines)."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
+                fields = [record.get(key) if isinstance(record, dict) else None
+                          for key in (input_field, target_field)]
+                if not all(isinstance(field, str) for field in fields):
+                    raise ValueError(f"{path}:{line_number}: needs string fields "
+                                     f"{input_field!r} and {target_field!r}")
+            else:
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != 2:
+                    raise ValueError(f"{path}:{line_number}: expected input<TAB>target, got "
+                                     f"{len(fields)} tab-separated field(s)")
+            pairs.append(tuple(fields))
+    if not pairs:
+        raise ValueError(f"{path} holds no examples")
+    return pairs
+
+
+def supervised_files_source(files: str | Sequence[str],
+                            validation_files: str | Sequence[str] | None = None,
+                            input_field: str = "inputs", target_field: str = "targets"
+                            ) -> seqio.DataSource:
+    """Local (input, target) examples as {"inputs": tf.string, "targets": tf.string}, from
+    `.jsonl` files (fields `input_field`, `target_field`) or `.tsv` files (input TAB
+    target). Files are parsed now, so a bad one fails at registration; shuffling orders the
+    examples of all files of the split."""
+    files_by_split = {"train": _check_files(files)}
+    if validation_files is not None:
+        files_by_split["validation"] = _check_files(validation_files)
+    pairs_by_split = {split: [pair for path in paths
+                              for pair in _read_supervised_pairs(path, input_field, target_field)]
+                      for split, paths in files_by_split.items()}
+    splits = tuple(files_by_split)
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, splits)
+        pairs = pairs_by_split[split]
+        if shuffle_files:
+            pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
+        return _pairs_dataset(pairs)
 
     return seqio.FunctionDataSource(dataset_fn, splits=splits)
 

@@ -5,6 +5,8 @@ Registered at import, named SOURCE_OBJECTIVE:
   - stdlib_span_corruption, stdlib_ul2, stdlib_prefix_lm, stdlib_bart on the embedded corpus
     (SentencePiece, 8000 pieces + 100 sentinels, trained on first use), and
     stdlib_span_corruption_bytes (byte vocabulary);
+  - stdlib_docstrings, a supervised task on the same corpus (a function -> the first line of
+    its docstring; BLEU and ROUGE), for fine-tuning;
   - c4_span_corruption, c4_ul2, wikipedia_span_corruption, wikipedia_ul2 for TFDS data
     prepared under $TFDS_DATA_DIR.
 UL2 names a mixture of one task per denoiser ("stdlib_ul2.nlu_span3_density0.15", ...).
@@ -13,16 +15,19 @@ Importing trains nothing and reads no files. Gin registers variants at run time 
 """
 import difflib
 import functools
+from typing import Sequence
 
 import seqio
 
 from t5x_lite.data import corpora
+from t5x_lite.data import metrics as metrics_lib
 from t5x_lite.data import objectives
 from t5x_lite.data import vocab
 
 # Examples are shuffled after chunking, since one document yields consecutive (correlated)
 # chunks. Filling the buffer delays the first batch (about 1 s for 1000 stdlib examples).
 _SHUFFLE_BUFFER_SIZE = 1000
+DEFAULT_SUPERVISED_METRICS = ("bleu", "rouge")
 
 
 @functools.cache
@@ -101,12 +106,46 @@ def register_task(name: str | None = None, source: str | seqio.DataSource = "std
 
 def register_text_task(name: str, files, objective: str | objectives.Objective = "span_corruption",
                        vocabulary: seqio.Vocabulary | None = None, validation_files=None,
-                       text_field: str = "text") -> str:
-    """Registers (or replaces) a task over local `.txt` / `.jsonl` files (see
-    `corpora.text_files_source`) for any objective. Splits: "train", plus "validation" given
-    `validation_files`. Returns `name`."""
+                       text_field: str = "text", input_field: str = "inputs",
+                       target_field: str = "targets",
+                       metrics: Sequence[str] = DEFAULT_SUPERVISED_METRICS) -> str:
+    """Registers (or replaces) a task over local files. Splits: "train", plus "validation"
+    given `validation_files`. Returns `name`.
+
+    A pretraining objective reads `.txt` / `.jsonl` documents (see
+    `corpora.text_files_source`). objective="supervised" reads (input, target) examples from
+    `.jsonl` (`input_field`, `target_field`) or `.tsv` files and evaluates predictions with
+    `metrics` (names in data.metrics.METRICS).
+    """
+    if objective == "supervised":
+        source = corpora.supervised_files_source(files, validation_files, input_field,
+                                                 target_field)
+        return register_supervised_task(name, source, vocabulary, metrics)
     source = corpora.text_files_source(files, validation_files, text_field)
     return register_task(name, source, objective, vocabulary)
+
+
+def register_supervised_task(name: str, source: seqio.DataSource,
+                             vocabulary: seqio.Vocabulary | None = None,
+                             metrics: Sequence[str] = DEFAULT_SUPERVISED_METRICS) -> str:
+    """Registers (or replaces) an input -> target task over a source of {"inputs",
+    "targets"} strings, evaluated by decoding and scoring `metrics` against the targets."""
+    metric_fns = metrics_lib.get_metrics(metrics)
+    vocabulary = vocabulary or default_vocabulary()
+    _remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=[
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        metric_fns=metric_fns,
+        shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
+    )
+    return name
 
 
 def register_mixture(name: str, tasks_and_rates) -> str:
@@ -139,6 +178,7 @@ for _objective in ("span_corruption", "ul2", "prefix_lm", "bart"):
     register_task(source="stdlib", objective=_objective)
 register_task("stdlib_span_corruption_bytes", "stdlib", "span_corruption",
               vocab.byte_vocabulary())
+register_supervised_task("stdlib_docstrings", corpora.stdlib_docstrings_source())
 for _source in corpora.TFDS_SOURCES:
     for _objective in ("span_corruption", "ul2"):
         register_task(source=_source, objective=_objective)

@@ -1,0 +1,123 @@
+"""Converts between t5x_lite checkpoints and Hugging Face T5 directories (safetensors only).
+
+  # A MODEL_DIR's newest checkpoint -> a directory transformers' from_pretrained loads. The
+  # model's architecture comes from the run's MODEL_DIR/config.gin unless --gin_file is given.
+  python scripts/convert_hf.py to-hf --model_dir /tmp/run --out /tmp/run_hf
+
+  # A Hugging Face T5 / T5 v1.1 / mT5 directory -> a MODEL_DIR with a step-0 parameter
+  # checkpoint and model.gin (its architecture), for t5x_lite.eval / infer or INIT_FROM.
+  python scripts/convert_hf.py from-hf --hf_dir /tmp/t5-small --model_dir /tmp/t5_small
+  python -m t5x_lite.eval --gin_file=/tmp/t5_small/model.gin --gin_file=gin/runs/eval.gin ...
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from t5x_lite import checkpoints  # noqa: E402
+from t5x_lite import hf  # noqa: E402
+from t5x_lite import launch  # noqa: E402
+from t5x_lite import models  # noqa: E402
+
+MODEL_GIN = "model.gin"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise launch.UsageError(f"{message} (see: python {self.prog} --help)")
+
+
+def model_config_from_gin(gin_files: list[str]) -> models.T5Config:
+    launch.parse_gin(gin_files, [])
+    try:
+        return gin.get_configurable(models.T5Config)()
+    finally:
+        gin.clear_config()
+
+
+def restored_params(model: models.EncoderDecoderModel, model_dir: str) -> tuple[int, dict]:
+    if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
+        raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: pass the "
+                                f"MODEL_DIR of a training run")
+    abstract = jax.eval_shape(model.init, jax.random.key(0))
+    manager = checkpoints.create_manager(model_dir, read_only=True)
+    try:
+        return checkpoints.restore_params(manager, abstract)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"the checkpoint in {model_dir} is not of the gin model "
+                         f"({launch.first_line(error)[:160]}): pass the run's model gin "
+                         f"file with --gin_file") from None
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    gin_files = args.gin_file or [os.path.join(args.model_dir, "config.gin")]
+    if not args.gin_file and not os.path.isfile(gin_files[0]):
+        raise FileNotFoundError(f"{gin_files[0]} does not exist: pass the run's model gin "
+                                f"file with --gin_file")
+    model = models.EncoderDecoderModel(model_config_from_gin(gin_files))
+    hf.config_to_hf(model.config)  # an unexportable model fails before the restore
+    step, params = restored_params(model, args.model_dir)
+    hf.save_t5(model, params, args.out)
+    print(f"Wrote the step-{step} parameters of {args.model_dir} ({models.count_parameters(params):,} "
+          f"parameters) to {args.out} as a transformers T5ForConditionalGeneration.")
+
+
+def gin_of(config: models.T5Config) -> str:
+    """Gin bindings for the architecture fields of `config` (a Hugging Face import)."""
+    activation = {"relu": "@jax.nn.relu", "gelu_new": "@jax.nn.gelu"}[
+        hf.config_to_hf(config)["feed_forward_proj"].removeprefix("gated-")]
+    lines = ["from __gin__ import dynamic_registration", "import jax",
+             "from t5x_lite import models", "", "models.T5Config:"]
+    for field in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+                  "num_encoder_layers", "num_decoder_layers", "gated_mlp", "tie_embeddings",
+                  "dropout_rate", "relative_attention_num_buckets",
+                  "relative_attention_max_distance", "layer_norm_epsilon"):
+        lines.append(f"  {field} = {getattr(config, field)!r}")
+    lines.append(f"  activation = {activation}")
+    return "\n".join(lines) + "\n"
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    model_dir = os.path.abspath(args.model_dir)
+    if os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
+        raise FileExistsError(f"{model_dir} already holds checkpoints: choose a new MODEL_DIR")
+    model, params = hf.load_t5(args.hf_dir)
+    manager = checkpoints.create_manager(model_dir)
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    manager.wait_until_finished()
+    with open(os.path.join(model_dir, MODEL_GIN), "w") as f:
+        f.write(f"# The architecture of the Hugging Face T5 in {os.path.abspath(args.hf_dir)}\n"
+                + gin_of(model.config))
+    print(f"Wrote {models.count_parameters(params):,} parameters of {args.hf_dir} to "
+          f"{model_dir}/checkpoints/0 and its architecture to {model_dir}/{MODEL_GIN}.")
+
+
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("to-hf", help="MODEL_DIR checkpoint -> Hugging Face directory")
+    export.add_argument("--model_dir", required=True)
+    export.add_argument("--out", required=True, help="a new directory for the HF files")
+    export.add_argument("--gin_file", action="append", default=[],
+                        help="model gin file(s); default MODEL_DIR/config.gin")
+    export.set_defaults(run=to_hf)
+    import_ = commands.add_parser("from-hf", help="Hugging Face directory -> MODEL_DIR")
+    import_.add_argument("--hf_dir", required=True)
+    import_.add_argument("--model_dir", required=True, help="a new MODEL_DIR")
+    import_.set_defaults(run=from_hf)
+    for sub in (export, import_):
+        sub.error = parser.error
+    launch.quiet_library_logs()
+    with launch.bad_input_exits():
+        args = parser.parse_args(argv)
+        args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

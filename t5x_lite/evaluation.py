@@ -1,0 +1,131 @@
+"""Task metrics from decoded predictions, through seqio's Evaluator: the task's examples are
+decoded in batches on the mesh, detokenised, postprocessed, and scored by the task's metric
+functions (data/metrics.py) against its targets. Used by t5x_lite.eval and, every
+METRICS_PERIOD steps, by training.
+
+Every host reads every example and passes its own rows of each batch to the global array;
+predictions are gathered back, so all hosts compute the same metrics.
+"""
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+import seqio
+from jax.experimental import multihost_utils
+
+from t5x_lite import decoding
+from t5x_lite import models
+from t5x_lite import partitioning
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import pipeline
+from t5x_lite.data import tasks
+
+
+def host_share(tokens: np.ndarray, mesh) -> jax.Array:
+    """The global [B, L] array of a batch every host holds whole: each passes its own rows."""
+    share = len(tokens) // jax.process_count()
+    local = tokens[jax.process_index() * share:(jax.process_index() + 1) * share]
+    return partitioning.global_batch({"encoder_input_tokens": local}, mesh)[
+        "encoder_input_tokens"]
+
+
+def gathered(array: jax.Array) -> np.ndarray:
+    """A global array's values on every host."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How evaluation decodes: `method` and decoding.DecodeOptions fields."""
+
+    method: str = "greedy"
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        decoding.check_method(self.method)
+        decoding.DecodeOptions(**self.options)
+
+
+def predictor(model: models.EncoderDecoderModel, mesh, rules, decode_length: int,
+              eos_id: int, settings: DecodeSettings = DecodeSettings()) -> Callable:
+    """predict(params, tokens [B, L] NumPy, the same on every host) -> (tokens [B, N],
+    scores [B]) as NumPy, decoded on the mesh."""
+    jitted = trainer_lib.in_mesh(jax.jit(lambda p, tokens: model.predict_batch(
+        p, {"encoder_input_tokens": tokens}, max_decode_length=decode_length,
+        method=settings.method, eos_id=eos_id, **settings.options)), mesh, rules)
+
+    def predict(params, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        predicted, scores = jitted(params, host_share(tokens, mesh))
+        return gathered(predicted), gathered(scores)
+
+    return predict
+
+
+def padded_batches(rows: Iterator[np.ndarray], batch_size: int, length: int
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+    """(number of real rows, tokens [batch_size, length]) groups; the last is zero-padded."""
+    group = []
+    for row in rows:
+        group.append(row)
+        if len(group) == batch_size:
+            yield len(group), np.stack(group)
+            group = []
+    if group:
+        tokens = np.zeros((batch_size, length), np.int32)
+        tokens[:len(group)] = np.stack(group)
+        yield len(group), tokens
+
+
+def has_metrics(task_name: str) -> bool:
+    """Whether any task of `task_name` (a task or mixture) has metric functions."""
+    return any(task.metric_objs for task in seqio.get_subtasks(
+        tasks.get_task_or_mixture(task_name)))
+
+
+class TaskMetrics:
+    """The metrics of one task or mixture split; the examples are read once, at creation."""
+
+    def __init__(self, task_name: str, split: str, task_feature_lengths: dict[str, int],
+                 batch_size: int, max_examples: int | None = None):
+        pipeline.check_lengths(task_feature_lengths)
+        self.batch_size = batch_size
+        self.input_length = task_feature_lengths["inputs"]
+        self.decode_length = task_feature_lengths["targets"]
+        self._evaluator = seqio.Evaluator(
+            task_name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+            sequence_length=dict(task_feature_lengths), num_examples=max_examples,
+            use_memory_cache=True, async_compute_metrics=False)
+        if not self._evaluator.eval_tasks:
+            raise ValueError(f"{task_name!r} has no task with metric functions and a {split!r} "
+                             f"split: register it with metrics (e.g. register_text_task(..., "
+                             f"objective='supervised'))")
+
+    def _predict_fn(self, predict: Callable, params) -> Callable:
+        def predict_fn(dataset) -> list[tuple[int, list[int]]]:
+            examples = list(dataset.as_numpy_iterator())
+            rows = (np.asarray(features["encoder_input_tokens"], np.int32)
+                    for _, features in examples)
+            outputs = []
+            for count, tokens in padded_batches(rows, self.batch_size, self.input_length):
+                predicted, _ = predict(params, tokens)
+                outputs.extend(predicted[:count].tolist())
+            return [(int(index), tokens) for (index, _), tokens in zip(examples, outputs)]
+
+        return predict_fn
+
+    def __call__(self, predict: Callable, params, step: int | None = None
+                 ) -> dict[str, float]:
+        """{metric: value} for a task; {"task/metric": value} for each task of a mixture.
+        `predict` comes from `predictor`."""
+        results, _ = self._evaluator.evaluate(compute_metrics=True, step=step,
+                                              predict_fn=self._predict_fn(predict, params))
+        by_task = results.result()
+        flat = {}
+        for task_name, values in by_task.items():
+            prefix = "" if len(by_task) == 1 else f"{task_name}/"
+            for name, value in values.items():
+                flat[prefix + name] = float(getattr(value, "value", value))
+        return flat

@@ -1,0 +1,198 @@
+"""Task metrics: the metric functions against sacrebleu / rouge-score called directly and
+closed forms, supervised JSONL / TSV tasks, the docstring task of the embedded corpus, and
+seqio evaluation of decoded predictions."""
+import json
+
+import numpy as np
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from t5x_lite import evaluation
+from t5x_lite.data import corpora
+from t5x_lite.data import metrics
+from t5x_lite.data import tasks
+from t5x_lite.data import vocab
+
+TARGETS = ["the cat sat on the mat", "a quick brown fox jumps", "hello world", "open the file"]
+PREDICTIONS = ["the cat sat on a mat", "a quick brown dog jumps over", "hello world",
+               "close  the file"]
+
+
+def test_bleu_equals_sacrebleu():
+    expected = sacrebleu.corpus_bleu(PREDICTIONS, [TARGETS]).score
+    assert metrics.bleu(TARGETS, PREDICTIONS) == {"bleu": pytest.approx(expected, abs=1e-9)}
+    assert 0 < expected < 100
+    assert metrics.bleu(TARGETS, TARGETS)["bleu"] == pytest.approx(100.0)
+
+
+def test_rouge_equals_rouge_score():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(t, p) for t, p in zip(TARGETS, PREDICTIONS)]
+    result = metrics.rouge(TARGETS, PREDICTIONS)
+    for name in ("rouge1", "rouge2", "rougeL"):
+        expected = 100 * np.mean([score[name].fmeasure for score in scores])
+        assert result[name] == pytest.approx(expected, abs=1e-9)
+    # Closed form for one pair: 5 of 6 unigrams shared both ways, so F1 = 5/6.
+    assert metrics.rouge(["the cat sat on the mat"], ["the cat sat on a mat"])["rouge1"] == (
+        pytest.approx(100 * 5 / 6))
+
+
+def test_accuracy_and_sequence_accuracy():
+    assert metrics.accuracy([1, 2, 3, 4], [1, 0, 3, 0]) == {"accuracy": 50.0}
+    # "close  the file" differs by a word; the double space alone would not count.
+    assert metrics.sequence_accuracy(TARGETS, PREDICTIONS) == {"sequence_accuracy": 25.0}
+    assert metrics.sequence_accuracy(["a b"], [" a  b "]) == {"sequence_accuracy": 100.0}
+    assert metrics.accuracy(["a b"], [" a  b "]) == {"accuracy": 0.0}
+
+
+def test_metric_bad_input():
+    with pytest.raises(ValueError, match="2 targets but 1 predictions"):
+        metrics.bleu(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="unknown metric 'blue': choose from accuracy"):
+        metrics.get_metrics(["blue"])
+
+
+# --- supervised tasks ----------------------------------------------------------------------
+
+PAIRS = [(f"repeat {word}", f"say {word} then {word} again") for word in
+         "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()]
+
+
+def write_pairs(tmp_path):
+    jsonl, tsv = tmp_path / "train.jsonl", tmp_path / "validation.tsv"
+    jsonl.write_text("".join(json.dumps({"question": i, "answer": t}) + "\n" for i, t in PAIRS))
+    tsv.write_text("".join(f"{i}\t{t}\n" for i, t in PAIRS[:6]))
+    return str(jsonl), str(tsv)
+
+
+def register_pairs_task(tmp_path, name="pairs", metric_names=("bleu", "sequence_accuracy")):
+    jsonl, tsv = write_pairs(tmp_path)
+    return tasks.register_text_task(name, jsonl, objective="supervised",
+                                    vocabulary=vocab.byte_vocabulary(), validation_files=tsv,
+                                    input_field="question", target_field="answer",
+                                    metrics=metric_names)
+
+
+def test_supervised_task_reads_jsonl_and_tsv(tmp_path):
+    name = register_pairs_task(tmp_path)
+    task = tasks.get_task_or_mixture(name)
+    lengths = {"inputs": 32, "targets": 40}
+    train = list(task.get_dataset(lengths, "train", shuffle=False).as_numpy_iterator())
+    validation = list(task.get_dataset(lengths, "validation", shuffle=False)
+                      .as_numpy_iterator())
+    assert [(e["inputs_pretokenized"].decode(), e["targets_pretokenized"].decode())
+            for e in train] == PAIRS
+    assert len(validation) == 6
+    byte_vocab = vocab.byte_vocabulary()
+    assert list(validation[0]["targets"]) == list(byte_vocab.encode("say alpha then alpha again")) + [1]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"question": "x"}\n', "needs string fields 'question' and 'answer'"),
+    ("not json\n", "invalid JSON"),
+])
+def test_supervised_jsonl_bad_lines(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        tasks.register_text_task("bad", str(path), objective="supervised",
+                                 input_field="question", target_field="answer")
+
+
+def test_supervised_tsv_needs_two_fields(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("only one field\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:1: expected input<TAB>target"):
+        tasks.register_text_task("bad", str(path), objective="supervised")
+
+
+def test_function_summaries():
+    source = (
+        "import os\n\n"
+        "@decorator\n"
+        "def join(a, b):\n"
+        '    """Join two paths with a slash.\n\n    More detail.\n    """\n'
+        "    return a + '/' + b\n\n"
+        "class K:\n"
+        "    def method(self):\n"
+        "        'Too short.'\n"
+        "        return 1\n\n"
+        "    def other(self):\n"
+        '        """Return the answer to everything."""\n'
+        "        x = 42\n"
+        "        return x\n")
+    assert corpora.function_summaries(source) == [
+        ("@decorator\ndef join(a, b):\n    return a + '/' + b", "Join two paths with a slash."),
+        ("def other(self):\n    x = 42\n    return x", "Return the answer to everything."),
+    ]
+    assert corpora.function_summaries("def broken(:\n") == []
+
+
+def test_stdlib_docstrings_split_by_file():
+    """Validation examples come from the validation files only, and are never in train."""
+    validation = corpora._stdlib_summaries("validation")
+    assert len(validation) > 30
+    expected = [pair for path in corpora.stdlib_files("validation")
+                for pair in corpora.function_summaries(open(path, errors="replace").read())]
+    assert list(validation) == expected
+    assert tasks.get_task_or_mixture("stdlib_docstrings").metric_objs
+
+
+# --- seqio evaluation of predictions -------------------------------------------------------
+
+def oracle(task_name: str, lengths: dict, wrong_rows=()) -> callable:
+    """predict(params, tokens) returning each input's target tokens (EOS included), except
+    an empty prediction for the inputs whose text is in `wrong_rows`."""
+    byte_vocab = vocab.byte_vocabulary()
+    answers = {}
+    for inputs, targets in PAIRS:
+        ids = tuple(byte_vocab.encode(inputs)) + (1,)
+        answers[ids] = [1] if inputs in wrong_rows else list(byte_vocab.encode(targets)) + [1]
+
+    def predict(params, tokens):
+        out = np.zeros((len(tokens), lengths["targets"]), np.int32)
+        for row, ids in enumerate(tokens):
+            answer = answers.get(tuple(int(i) for i in ids if i), [])
+            out[row, :len(answer)] = answer
+        return out, np.zeros(len(tokens), np.float32)
+
+    return predict
+
+
+def test_task_metrics_of_an_oracle_are_perfect(tmp_path):
+    name = register_pairs_task(tmp_path, metric_names=("bleu", "rouge", "sequence_accuracy"))
+    lengths = {"inputs": 32, "targets": 40}
+    # Batch 4 over 6 examples: the last batch is padded.
+    values = evaluation.TaskMetrics(name, "validation", lengths, 4)(oracle(name, lengths), None)
+    assert values == pytest.approx({"bleu": 100.0, "rouge1": 100.0, "rouge2": 100.0,
+                                    "rougeL": 100.0, "sequence_accuracy": 100.0})
+
+
+def test_task_metrics_score_the_decoded_strings(tmp_path):
+    name = register_pairs_task(tmp_path)
+    lengths = {"inputs": 32, "targets": 40}
+    wrong = {"repeat beta", "repeat delta"}
+    values = evaluation.TaskMetrics(name, "validation", lengths, 4, max_examples=5)(
+        oracle(name, lengths, wrong), None)
+    targets = [t for _, t in PAIRS[:5]]
+    predictions = ["" if i in wrong else t for i, t in PAIRS[:5]]
+    assert values["sequence_accuracy"] == pytest.approx(60.0)
+    assert values["bleu"] == pytest.approx(metrics.bleu(targets, predictions)["bleu"])
+
+
+def test_task_without_metrics_is_refused():
+    assert not evaluation.has_metrics("stdlib_span_corruption_bytes")
+    with pytest.raises(ValueError, match="has no task with metric functions"):
+        evaluation.TaskMetrics("stdlib_span_corruption_bytes", "validation",
+                               {"inputs": 32, "targets": 40}, 4)
+
+
+def test_mixture_metrics_are_per_task(tmp_path):
+    first = register_pairs_task(tmp_path, "pairs_a", ("sequence_accuracy",))
+    second = register_pairs_task(tmp_path, "pairs_b", ("sequence_accuracy",))
+    mixture = tasks.register_mixture("pairs_ab", [(first, 1.0), (second, 1.0)])
+    lengths = {"inputs": 32, "targets": 40}
+    values = evaluation.TaskMetrics(mixture, "validation", lengths, 4)(
+        oracle(mixture, lengths, {"repeat alpha", "repeat beta", "repeat gamma"}), None)
+    assert values == {"pairs_a/sequence_accuracy": 50.0, "pairs_b/sequence_accuracy": 50.0}
