@@ -1,14 +1,65 @@
-"""Orbax checkpoints under MODEL_DIR/checkpoints/<step>/ with two items, `params` and
-`opt_state` (so evaluation and inference can restore parameters alone): save every N steps
-and at the end, keep the last K, restore the newest directly into its shards."""
+"""Orbax checkpoints under MODEL_DIR/checkpoints/<step>/ with three items: `params` and
+`opt_state` (so evaluation and inference can restore parameters alone) and `data`, each
+process's input-pipeline position (so a resumed run reads exactly the batches an
+uninterrupted one would). Save every N steps and at the end, keep the last K, restore the
+newest directly into its shards."""
+import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from t5x_lite import trainer
 
-ITEMS = ("params", "opt_state")
+ITEMS = ("params", "opt_state", "data")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Writes each process's input-pipeline state ({file name: bytes}, taken when the save
+    starts) to <step>/data/process_<i>-of-<n>/; Orbax makes the step directory appear only
+    once every item is complete."""
+
+    @staticmethod
+    def _process_dir(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+        target = self._process_dir(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in args.files.items():
+            (target / name).write_bytes(data)
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore" = None
+                ) -> dict[str, bytes]:
+        source = self._process_dir(directory)
+        if not source.exists():
+            raise FileNotFoundError(f"{directory} holds no input state for process "
+                                    f"{jax.process_index()} of {jax.process_count()}: resume "
+                                    "with the process count that saved it")
+        return {path.name: path.read_bytes() for path in source.iterdir()}
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    files: dict
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -26,27 +77,37 @@ def create_manager(model_dir: str, keep: int = 3, read_only: bool = False
     return ocp.CheckpointManager(checkpoint_dir(model_dir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, state: trainer.TrainState) -> None:
+def save(manager: ocp.CheckpointManager, state: trainer.TrainState,
+         data_state: dict[str, bytes] | None = None) -> None:
+    """Starts saving `state` (in the background) and, given, this process's input position
+    `data_state` (pipeline.TrainBatches.state() taken after the step's batch)."""
     step = int(state.step)
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state)))
+    items = {"params": ocp.args.StandardSave(state.params),
+             "opt_state": ocp.args.StandardSave(state.opt_state)}
+    if data_state is not None:
+        items["data"] = DataStateSave(data_state)
+    manager.save(step, args=ocp.args.Composite(**items))
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.TrainState
-                   ) -> trainer.TrainState | None:
+                   ) -> tuple[trainer.TrainState, dict[str, bytes] | None] | None:
     """The newest checkpoint laid out like `abstract_state` (ShapeDtypeStructs carrying
-    shardings), or None when there is none yet."""
+    shardings) and this process's saved input position (None for a checkpoint saved
+    without one), or None when there is no checkpoint yet."""
     step = manager.latest_step()
     if step is None:
         return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
-    return trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=restored["params"],
-                              opt_state=restored["opt_state"])
+    items = {"params": ocp.args.StandardRestore(abstract_state.params),
+             "opt_state": ocp.args.StandardRestore(abstract_state.opt_state)}
+    has_data = (epath.Path(manager.directory) / str(step) / "data").exists()
+    if has_data:
+        items["data"] = DataStateRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=restored["params"],
+                               opt_state=restored["opt_state"])
+    return state, restored["data"] if has_data else None
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int:

@@ -64,9 +64,12 @@ def format_duration(seconds: float) -> str:
 
 def format_train_line(step: int, total_steps: int, metrics: dict[str, float],
                       seconds_left: float) -> str:
+    # A period holding only the compiling first step has no throughput.
+    throughput = (f"{metrics['tokens_per_second']:,.0f}" if "tokens_per_second" in metrics
+                  else "-")
     return (f"step {step:>6d}/{total_steps}  loss {metrics['loss']:.4f}  "
             f"acc {metrics['accuracy']:.4f}  lr {metrics['learning_rate']:.2e}  "
-            f"tok/s {metrics['tokens_per_second']:,.0f}  left {format_duration(seconds_left)}")
+            f"tok/s {throughput}  left {format_duration(seconds_left)}")
 
 
 MOE_PREFIX = "moe/"

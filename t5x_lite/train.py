@@ -5,7 +5,9 @@ process runs the same command (scripts/launch_*.sh); process 0 alone prints and 
 all of them save checkpoints together."""
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -49,6 +51,14 @@ class DataConfig:
                              f"{jax.process_count()} processes")
         return self.batch_size // jax.process_count()
 
+    def train_batches(self, seed: int) -> pipeline.TrainBatches:
+        """This host's share of each training batch, shuffled by `seed`, endless, with a
+        position that checkpoints save."""
+        return pipeline.TrainBatches(pipeline.get_dataset(
+            self.mixture_or_task_name, "train", dict(self.task_feature_lengths),
+            self.host_batch_size(), shuffle=True, seed=seed, repeat=True, pack=self.pack,
+            shard_index=jax.process_index(), num_shards=jax.process_count()))
+
     def batches(self, split: str, *, shuffle: bool, seed: int | None, repeat: bool,
                 pack: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
         """This host's share of each global batch."""
@@ -57,6 +67,9 @@ class DataConfig:
             self.host_batch_size(), shuffle=shuffle, seed=seed, repeat=repeat,
             pack=self.pack if pack is None else pack,
             shard_index=jax.process_index(), num_shards=jax.process_count())
+
+
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +88,20 @@ class LoopConfig:
     # metrics_period steps, at step 0 and at the end; 0 never does.
     metrics_period: int = 0
     metrics_examples: int | None = None  # None: the whole validation split.
+    # A step whose loss or gradient norm is not finite: "stop" (before any checkpoint holds
+    # its result) or "skip" (no update; counted as skipped_steps; more than
+    # max_consecutive_skips in a row stop the run).
+    nan_policy: str = "stop"
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
         for name in ("train_steps", "checkpoint_period", "eval_period", "log_period",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got "
+                             f"{self.nan_policy!r}")
         if self.metrics_period < 0:
             raise ValueError(f"metrics_period must be >= 0 (0: off), got {self.metrics_period}")
         if self.metrics_examples is not None and self.metrics_examples < 1:
@@ -156,13 +177,19 @@ def any_process(flag: bool) -> bool:
 def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
                   optimizer: Callable[..., optax.GradientTransformation],
                   mesh_config: partitioning.MeshConfig, seed: int,
-                  num_microbatches: int = 1) -> trainer_lib.Trainer:
+                  num_microbatches: int = 1, max_consecutive_skips: int | None = None
+                  ) -> trainer_lib.Trainer:
+    """With `max_consecutive_skips` (nan_policy "skip") the optimizer leaves the parameters
+    unchanged on a step whose gradients are not finite (optax.apply_if_finite)."""
     mesh = partitioning.create_mesh(mesh_config)
     moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     if not callable(learning_rate):
         learning_rate = optax.constant_schedule(learning_rate)
+    transform = optimizer(learning_rate=learning_rate)
+    if max_consecutive_skips is not None:
+        transform = optax.apply_if_finite(transform, max_consecutive_skips)
     return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
-                               optimizer(learning_rate=learning_rate), learning_rate, mesh,
+                               transform, learning_rate, mesh,
                                dropout_seed=seed, rules=mesh_config.rules,
                                num_microbatches=num_microbatches)
 
@@ -180,18 +207,19 @@ def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
                     upcycle_from: str | None = None, init_from: str | None = None
-                    ) -> trainer_lib.TrainState:
-    """The newest checkpoint in MODEL_DIR; else step 0 from the parameters of `init_from`'s
-    newest checkpoint, or upcycled from `upcycle_from`'s; else a fresh initialisation."""
-    state = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
-    if state is not None:
-        say(f"Resuming from checkpoint at step {int(state.step)}.")
-        return state
+                    ) -> tuple[trainer_lib.TrainState, dict[str, bytes] | None]:
+    """The newest checkpoint in MODEL_DIR with its input position; else step 0 from the
+    parameters of `init_from`'s newest checkpoint, or upcycled from `upcycle_from`'s; else a
+    fresh initialisation (no input position: the pipeline starts at the beginning)."""
+    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
+    if restored is not None:
+        say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
+        return restored
     if init_from:
-        return pretrained_state(trainer, init_from)
+        return pretrained_state(trainer, init_from), None
     if upcycle_from:
-        return upcycled_state(trainer, upcycle_from, seed)
-    return trainer.init_state(seed)
+        return upcycled_state(trainer, upcycle_from, seed), None
+    return trainer.init_state(seed), None
 
 
 def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_lib.TrainState:
@@ -331,7 +359,8 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     check_batch_divides(data, mesh_config, num_microbatches)
     check_upcycling(model_config, upcycle_from)
     trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
-                            num_microbatches)
+                            num_microbatches, loop.max_consecutive_skips
+                            if loop.nan_policy == "skip" else None)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
     if jax.process_index() == 0:
@@ -341,22 +370,85 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     say(metrics_io.parameter_table(sharded_state.params, trainer.model.logical_axes()))
     say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
-    state = restore_or_init(trainer, manager, loop.seed, upcycle_from, init_from)
+    state, data_state = restore_or_init(trainer, manager, loop.seed, upcycle_from, init_from)
     start_step = int(state.step)
     if start_step >= loop.train_steps:
         say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
             f"{loop.train_steps} in {model_dir}.")
         return
-    train_loop(trainer, state, manager, data, loop, model_dir)
+    try:
+        train_loop(trainer, state, manager, data, loop, model_dir,
+                   train_batches(data, loop.seed, start_step, data_state))
+    finally:
+        # Whatever stops the run, a checkpoint being written in the background completes.
+        manager.wait_until_finished()
+
+
+def train_batches(data: DataConfig, seed: int, start_step: int,
+                  data_state: dict[str, bytes] | None) -> pipeline.TrainBatches:
+    """The training batches, from the saved position when the checkpoint has one, so a
+    resumed run reads exactly what an uninterrupted one would."""
+    if data_state is not None or start_step == 0:
+        batches = data.train_batches(seed)
+        if data_state is not None:
+            batches.restore(data_state)
+        return batches
+    # A checkpoint from before input positions were saved: fresh examples, not a replay.
+    say(f"The checkpoint at step {start_step} holds no input position: reading batches "
+        f"shuffled with seed {seed} + {start_step} instead.")
+    return data.train_batches(seed + start_step)
+
+
+class StopRequest:
+    """Records SIGTERM / SIGINT (preemption, Ctrl-C) while installed, so that training
+    finishes the current step, saves a checkpoint and exits instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _record(self, number: int, frame) -> None:
+        self.signal_number = number
+
+    def requested(self) -> bool:
+        """Whether any process received a signal (a collective on multi-host runs)."""
+        return any_process(self.signal_number is not None)
+
+
+class Preempted(SystemExit):
+    """Training stopped on a signal after saving: exit status 128 + the signal number."""
+
+
+def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.TrainBatches,
+                      signal_number: int | None, model_dir: str) -> None:
+    checkpoints.save(manager, state, batches.state())
+    manager.wait_until_finished()
+    name = signal.Signals(signal_number).name if signal_number else "a signal on another process"
+    step = int(state.step)
+    say(f"Stopped by {name} after step {step}: checkpoint saved in "
+        f"{checkpoints.checkpoint_dir(model_dir)}/{step}; rerun the same command to resume "
+        "exactly there.")
+    raise Preempted(128 + (signal_number or signal.SIGTERM))
 
 
 def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, manager,
-               data: DataConfig, loop: LoopConfig, model_dir: str) -> None:
+               data: DataConfig, loop: LoopConfig, model_dir: str,
+               batches: pipeline.TrainBatches) -> None:
     writer = metrics_io.MetricsWriter(model_dir)
     train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
     start_step = int(state.step)
-    # Seeding by the start step gives a resumed run fresh examples instead of a replay.
-    batches = data.batches("train", shuffle=True, seed=loop.seed + start_step, repeat=True)
     lengths = data.task_feature_lengths
     tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
     report_metrics = task_metrics_reporter(trainer, data, loop, writer)
@@ -366,39 +458,47 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     progress = Progress(start_step, loop.train_steps)
     pending, period_start, timed_from = [], time.perf_counter(), None
     paused = 0.0  # Seconds of this logging period spent evaluating or checkpointing.
-    for step in range(start_step + 1, loop.train_steps + 1):
-        state, metrics = train_step(state, partitioning.global_batch(next(batches),
-                                                                     trainer.mesh))
-        pending.append(metrics)
-        progress.advance()
-        if step == start_step + 1:
-            jax.block_until_ready(state.step)  # Exclude compilation from throughput.
-            period_start = timed_from = time.perf_counter()
-            pending = []
-        if step % loop.log_period == 0 and pending:
-            row = average_metrics(jax.device_get(pending))  # Waits for the steps to finish.
-            now = time.perf_counter()
-            if not np.isfinite(row["loss"]):
-                raise ValueError(f"loss became {row['loss']} by step {step}: lower the learning "
-                                 "rate or resume from an earlier checkpoint")
-            row["tokens_per_second"] = (tokens_per_step * len(pending)
-                                        / (now - period_start - paused))
-            seconds_per_step = (now - timed_from) / max(step - start_step - 1, 1)
-            writer.write(step, row, "train")
-            progress.print(metrics_io.format_train_line(
-                step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
-            for line in metrics_io.format_moe_lines(row):
-                progress.print(line)
-            pending, period_start, paused = [], now, 0.0
-        pause_start = time.perf_counter()
-        if step % loop.eval_period == 0 or step == loop.train_steps:
-            report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
-        if loop.metrics_period and (step % loop.metrics_period == 0
-                                    or step == loop.train_steps):
-            report_metrics(state, progress.print)
-        if step % loop.checkpoint_period == 0 or step == loop.train_steps:
-            checkpoints.save(manager, state)
-        paused += time.perf_counter() - pause_start
+    timed_steps = 0  # Steps of this logging period that count for throughput.
+    with StopRequest() as stop:
+        for step in range(start_step + 1, loop.train_steps + 1):
+            state, metrics = train_step(state, partitioning.global_batch(next(batches),
+                                                                         trainer.mesh))
+            pending.append(metrics)
+            progress.advance()
+            if step == start_step + 1:
+                jax.block_until_ready(state.step)  # Exclude compilation from throughput.
+                period_start = timed_from = time.perf_counter()
+            else:
+                timed_steps += 1
+            saving = step % loop.checkpoint_period == 0 or step == loop.train_steps
+            if step % loop.log_period == 0 or saving:
+                pending = jax.device_get(pending)  # Waits for the steps to finish.
+                check_finite(pending, step, loop, manager)
+            if step % loop.log_period == 0:
+                row = average_metrics(pending)
+                now = time.perf_counter()
+                if timed_steps:
+                    row["tokens_per_second"] = (tokens_per_step * timed_steps
+                                                / (now - period_start - paused))
+                seconds_per_step = (now - timed_from) / max(step - start_step - 1, 1)
+                writer.write(step, row, "train")
+                progress.print(metrics_io.format_train_line(
+                    step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
+                for line in metrics_io.format_moe_lines(row):
+                    progress.print(line)
+                pending, period_start, paused, timed_steps = [], now, 0.0, 0
+            pause_start = time.perf_counter()
+            if step % loop.eval_period == 0 or step == loop.train_steps:
+                report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
+            if loop.metrics_period and (step % loop.metrics_period == 0
+                                        or step == loop.train_steps):
+                report_metrics(state, progress.print)
+            if saving:
+                checkpoints.save(manager, state, batches.state())
+            paused += time.perf_counter() - pause_start
+            if stop.requested() and step < loop.train_steps:
+                progress.close()
+                stop_after_saving(manager, state, batches, stop.signal_number, model_dir)
     progress.close()
     manager.wait_until_finished()
     say(f"Finished at step {loop.train_steps}; checkpoints in "
@@ -443,9 +543,41 @@ def task_metrics_reporter(trainer: trainer_lib.Trainer, data: DataConfig, loop: 
     return report
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss or gradient norm was NaN or infinite."""
+
+
+def check_finite(rows: list[dict], last_step: int, loop: LoopConfig, manager) -> None:
+    """Stops the run at the first of `rows` (the steps up to `last_step`) whose loss or
+    gradient norm is not finite; under nan_policy "skip" only once the optimizer has
+    skipped more than max_consecutive_skips steps in a row (then the parameters are
+    already corrupt). Runs before any checkpoint of those steps is saved."""
+    for index, row in enumerate(rows):
+        step = last_step - len(rows) + 1 + index
+        finite = np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])
+        if finite or (loop.nan_policy == "skip"
+                      and row["consecutive_skips"] <= loop.max_consecutive_skips):
+            continue
+        kept = manager.latest_step()
+        raise NonFiniteLoss(
+            f"loss {row['loss']} and gradient norm {row['grad_norm']} at step {step}: "
+            f"stopped before saving it (the newest checkpoint, step {kept}, is intact); "
+            "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy = 'skip'")
+
+
+# Per-step metrics that a logged row adds up (the rest it averages).
+SUMMED_METRICS = ("skipped_steps",)
+
+
 def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
-    """The mean of each metric over the rows: floats, or arrays for per-expert metrics."""
-    means = {name: np.mean([row[name] for row in rows], axis=0) for name in rows[0]}
+    """The mean of each metric over the rows (floats, or arrays for per-expert metrics); the
+    sum of SUMMED_METRICS. Skipped steps (non-finite, no update) count only as skipped."""
+    counted = [row for row in rows if not row.get("skipped_steps", 0)] or rows
+    means = {name: np.mean([row[name] for row in counted], axis=0) for name in rows[0]}
+    for name in SUMMED_METRICS:
+        if name in means:
+            means[name] = np.sum([row[name] for row in rows])
+    means.pop("consecutive_skips", None)
     return {name: float(value) if np.ndim(value) == 0 else value
             for name, value in means.items()}
 

@@ -132,6 +132,10 @@ class Trainer:
             "learning_rate": jnp.asarray(self.learning_rate(state.step), jnp.float32),
             "grad_norm": optax.tree.norm(grads),
         }
+        if isinstance(opt_state, optax.ApplyIfFiniteState):
+            # The optimizer skipped this update: its gradients were not finite.
+            metrics["skipped_steps"] = 1 - opt_state.last_finite.astype(jnp.int32)
+            metrics["consecutive_skips"] = opt_state.notfinite_count
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def compile_train_step(self) -> Callable:

@@ -92,7 +92,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     manager.wait_until_finished()
     _, stayed = t.train(data_trainer, 2, state, first_batch=2)
     other = t.make_trainer(t.mesh_config("fsdp_tensor", fsdp=4), jax.devices())
-    restored = checkpoints.restore_latest(manager, other.sharded_abstract_state())
+    restored, _ = checkpoints.restore_latest(manager, other.sharded_abstract_state())
     results["restored sharding"] = list(
         restored.params["decoder_layer_0"]["mlp"]["wi_0"]["kernel"].sharding.spec)
     _, moved = t.train(other, 2, restored, first_batch=2)

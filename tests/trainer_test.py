@@ -76,7 +76,7 @@ def test_checkpoint_restores_bit_for_bit(tmp_path):
     manager = checkpoints.create_manager(str(tmp_path), keep=2)
     checkpoints.save(manager, state)
     manager.wait_until_finished()
-    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
+    restored, _ = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
     assert int(restored.step) == 2
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

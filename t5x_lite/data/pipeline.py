@@ -5,6 +5,9 @@ iterator position are left to the trainer.
 Batch keys (all int32): encoder_* [B, L] with L = task_feature_lengths["inputs"] and
 decoder_* [B, T] with T = task_feature_lengths["targets"].
 """
+import os
+import pathlib
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -84,6 +87,37 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
     if not repeat:
         dataset = dataset.map(lambda batch: _pad_batch(batch, batch_size))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class TrainBatches:
+    """An endless iterator over this host's training batches (NumPy, like get_batches) whose
+    position can be saved and restored exactly: `state()` is the tf.data iterator's state
+    (shuffle buffers, packing, prefetched batches) as {file name: bytes}, and
+    `restore(state)` puts a freshly built pipeline of the same settings at that position."""
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {key: value.numpy() for key, value in next(self._iterator).items()}
+
+    def _checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(iterator=self._iterator)
+
+    def state(self) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory() as directory:
+            self._checkpoint().write(os.path.join(directory, "iterator"))
+            return {name: pathlib.Path(directory, name).read_bytes()
+                    for name in os.listdir(directory)}
+
+    def restore(self, state: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            for name, data in state.items():
+                pathlib.Path(directory, name).write_bytes(data)
+            self._checkpoint().read(os.path.join(directory, "iterator")).assert_consumed()
 
 
 def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
