@@ -91,6 +91,19 @@ def save(manager: ocp.CheckpointManager, state: trainer.TrainState,
     manager.save(step, args=ocp.args.Composite(**items))
 
 
+INCOMPLETE_MARK = ".orbax-checkpoint-tmp"
+
+
+def incomplete_checkpoints(manager: ocp.CheckpointManager) -> list[str]:
+    """Names of step directories whose save never finished (the process died mid-save).
+    Orbax writes under a temporary name and renames when complete, so these are never read;
+    they are left in place, not deleted."""
+    directory = epath.Path(manager.directory)
+    if not directory.exists():
+        return []
+    return sorted(path.name for path in directory.iterdir() if INCOMPLETE_MARK in path.name)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.TrainState
                    ) -> tuple[trainer.TrainState, dict[str, bytes] | None] | None:
     """The newest checkpoint laid out like `abstract_state` (ShapeDtypeStructs carrying

@@ -69,7 +69,7 @@ class DataConfig:
             shard_index=jax.process_index(), num_shards=jax.process_count())
 
 
-NAN_POLICIES = ("stop", "skip")
+NAN_POLICIES = ("stop", "skip", "rollback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,12 @@ class LoopConfig:
     metrics_period: int = 0
     metrics_examples: int | None = None  # None: the whole validation split.
     # A step whose loss or gradient norm is not finite: "stop" (before any checkpoint holds
-    # its result) or "skip" (no update; counted as skipped_steps; more than
-    # max_consecutive_skips in a row stop the run).
+    # its result), "skip" (no update; counted as skipped_steps; more than
+    # max_consecutive_skips in a row stop the run) or "rollback" (back to the newest
+    # checkpoint, then on with the next batches; at most max_rollbacks times in a row).
     nan_policy: str = "stop"
     max_consecutive_skips: int = 10
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         for name in ("train_steps", "checkpoint_period", "eval_period", "log_period",
@@ -211,6 +213,9 @@ def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
     """The newest checkpoint in MODEL_DIR with its input position; else step 0 from the
     parameters of `init_from`'s newest checkpoint, or upcycled from `upcycle_from`'s; else a
     fresh initialisation (no input position: the pipeline starts at the beginning)."""
+    for name in checkpoints.incomplete_checkpoints(manager):
+        say(f"Skipping {name} in {manager.directory}: an interrupted save, never complete "
+            "(left in place).")
     restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
     if restored is not None:
         say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
@@ -443,50 +448,102 @@ def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.
     raise Preempted(128 + (signal_number or signal.SIGTERM))
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss or gradient norm was NaN or infinite."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class LogPeriod:
+    """The per-step metrics since the last log line and the wall-clock time they took (less
+    pauses for evaluation and checkpoints); the first step after a start, which compiles,
+    counts in the averages but not in throughput."""
+
+    def __init__(self, start_step: int, tokens_per_step: int):
+        self.start_step, self.tokens_per_step = start_step, tokens_per_step
+        self.rows: list = []
+        self.period_start = self.timed_from = time.perf_counter()
+        self.paused, self.timed_steps = 0.0, 0
+
+    def add(self, step: int, metrics: dict, state: trainer_lib.TrainState) -> None:
+        self.rows.append(metrics)
+        if step == self.start_step + 1:
+            jax.block_until_ready(state.step)
+            self.period_start = self.timed_from = time.perf_counter()
+        else:
+            self.timed_steps += 1
+
+    def fetch(self) -> list[dict]:
+        """The rows as NumPy values (waits for their steps to finish)."""
+        self.rows = jax.device_get(self.rows)
+        return self.rows
+
+    def take_row(self, step: int, total_steps: int) -> tuple[dict, float]:
+        """(averaged metrics with tokens_per_second, seconds left) and a new period."""
+        row, now = average_metrics(self.fetch()), time.perf_counter()
+        if self.timed_steps:
+            row["tokens_per_second"] = (self.tokens_per_step * self.timed_steps
+                                        / (now - self.period_start - self.paused))
+        seconds_per_step = (now - self.timed_from) / max(step - self.start_step - 1, 1)
+        self.rows, self.period_start, self.paused, self.timed_steps = [], now, 0.0, 0
+        return row, seconds_per_step * (total_steps - step)
+
+
+def rolled_back(trainer: trainer_lib.Trainer, manager, error: NonFiniteLoss,
+                rollbacks: int, loop: LoopConfig) -> trainer_lib.TrainState:
+    """The newest checkpoint's state, to go on from with the next batches (nan_policy
+    "rollback"); re-raises `error` when there is none or after max_rollbacks in a row."""
+    manager.wait_until_finished()
+    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
+    if restored is None or rollbacks > loop.max_rollbacks:
+        raise error
+    state = restored[0]
+    say(f"Step {error.step} had a non-finite loss or gradient norm: rolled back to the "
+        f"checkpoint at step {int(state.step)}, going on with the next batches.")
+    return state
+
+
 def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, manager,
                data: DataConfig, loop: LoopConfig, model_dir: str,
                batches: pipeline.TrainBatches) -> None:
     writer = metrics_io.MetricsWriter(model_dir)
     train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
-    start_step = int(state.step)
+    step = int(state.step)
     lengths = data.task_feature_lengths
-    tokens_per_step = data.batch_size * (lengths["inputs"] + lengths["targets"])
+    period = LogPeriod(step, data.batch_size * (lengths["inputs"] + lengths["targets"]))
     report_metrics = task_metrics_reporter(trainer, data, loop, writer)
-    if start_step == 0:
+    if step == 0:
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
         report_metrics(state, say)
-    progress = Progress(start_step, loop.train_steps)
-    pending, period_start, timed_from = [], time.perf_counter(), None
-    paused = 0.0  # Seconds of this logging period spent evaluating or checkpointing.
-    timed_steps = 0  # Steps of this logging period that count for throughput.
+    progress, rollbacks = Progress(step, loop.train_steps), 0
     with StopRequest() as stop:
-        for step in range(start_step + 1, loop.train_steps + 1):
+        while step < loop.train_steps:
+            step += 1
             state, metrics = train_step(state, partitioning.global_batch(next(batches),
                                                                          trainer.mesh))
-            pending.append(metrics)
+            period.add(step, metrics, state)
             progress.advance()
-            if step == start_step + 1:
-                jax.block_until_ready(state.step)  # Exclude compilation from throughput.
-                period_start = timed_from = time.perf_counter()
-            else:
-                timed_steps += 1
             saving = step % loop.checkpoint_period == 0 or step == loop.train_steps
             if step % loop.log_period == 0 or saving:
-                pending = jax.device_get(pending)  # Waits for the steps to finish.
-                check_finite(pending, step, loop, manager)
+                try:
+                    check_finite(period.fetch(), step, loop, manager)
+                except NonFiniteLoss as error:
+                    if loop.nan_policy != "rollback":
+                        raise
+                    rollbacks += 1
+                    state = rolled_back(trainer, manager, error, rollbacks, loop)
+                    step, period.rows = int(state.step), []
+                    continue
+                rollbacks = 0
             if step % loop.log_period == 0:
-                row = average_metrics(pending)
-                now = time.perf_counter()
-                if timed_steps:
-                    row["tokens_per_second"] = (tokens_per_step * timed_steps
-                                                / (now - period_start - paused))
-                seconds_per_step = (now - timed_from) / max(step - start_step - 1, 1)
+                row, seconds_left = period.take_row(step, loop.train_steps)
                 writer.write(step, row, "train")
-                progress.print(metrics_io.format_train_line(
-                    step, loop.train_steps, row, seconds_per_step * (loop.train_steps - step)))
+                progress.print(metrics_io.format_train_line(step, loop.train_steps, row,
+                                                            seconds_left))
                 for line in metrics_io.format_moe_lines(row):
                     progress.print(line)
-                pending, period_start, paused, timed_steps = [], now, 0.0, 0
             pause_start = time.perf_counter()
             if step % loop.eval_period == 0 or step == loop.train_steps:
                 report_eval(writer, eval_step, state, data, trainer.mesh, loop, progress.print)
@@ -495,7 +552,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
                 report_metrics(state, progress.print)
             if saving:
                 checkpoints.save(manager, state, batches.state())
-            paused += time.perf_counter() - pause_start
+            period.paused += time.perf_counter() - pause_start
             if stop.requested() and step < loop.train_steps:
                 progress.close()
                 stop_after_saving(manager, state, batches, stop.signal_number, model_dir)
@@ -543,10 +600,6 @@ def task_metrics_reporter(trainer: trainer_lib.Trainer, data: DataConfig, loop: 
     return report
 
 
-class NonFiniteLoss(RuntimeError):
-    """A training step's loss or gradient norm was NaN or infinite."""
-
-
 def check_finite(rows: list[dict], last_step: int, loop: LoopConfig, manager) -> None:
     """Stops the run at the first of `rows` (the steps up to `last_step`) whose loss or
     gradient norm is not finite; under nan_policy "skip" only once the optimizer has
@@ -562,7 +615,8 @@ def check_finite(rows: list[dict], last_step: int, loop: LoopConfig, manager) ->
         raise NonFiniteLoss(
             f"loss {row['loss']} and gradient norm {row['grad_norm']} at step {step}: "
             f"stopped before saving it (the newest checkpoint, step {kept}, is intact); "
-            "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy = 'skip'")
+            "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy to 'skip' "
+            "or 'rollback'", step)
 
 
 # Per-step metrics that a logged row adds up (the rest it averages).

@@ -1,21 +1,28 @@
-"""Preemption: SIGTERM makes a training process finish its step, save a checkpoint with its
-input position and exit with status 143; the same command resumes there and ends with the
-parameters of a run that was never stopped."""
+"""Stopping a training run at any moment loses nothing: the run is killed with SIGKILL three
+times (once while a checkpoint is being written) and stopped once with SIGTERM (it finishes
+its step, saves, exits 143), restarted with the same command each time, and ends exactly
+where an uninterrupted run does: the same parameters, bit for bit, and the same logged
+losses after the last resume."""
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import gin
 import jax
 import numpy as np
+import pytest
 
+from t5x_lite import checkpoints
 from t5x_lite import launch
-
+from t5x_lite import metrics_io
 from tests import train_test
 from tests.finetune_test import newest_params
 
-REPO = train_test.REPO
+STEPS = 24
+CHECKPOINT_PERIOD = 4
 
 
 def sentence_task_flags(directory) -> list[str]:
@@ -40,44 +47,107 @@ def train_flags(model_dir, task_flags: list[str], steps: int) -> list[str]:
             + task_flags)
 
 
-def start_training(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "t5x_lite.train", *flags], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+def child_environment(cache_dir) -> dict:
+    """Quiet TensorFlow, and one JAX compilation cache for the test's training processes
+    (each would otherwise compile the same steps again)."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def test_sigterm_saves_and_the_rerun_resumes_exactly(tmp_path):
+def stop_when(command: list[str], ready, signal_number: int, env: dict
+              ) -> tuple[list[str], int]:
+    """Starts `command`, sends `signal_number` as soon as `ready(output lines so far)` holds,
+    and returns (all output lines, exit status) once the process has exited."""
+    process = subprocess.Popen(command, cwd=train_test.REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")))
+    reader.start()
+    deadline = time.time() + 200
+    while process.poll() is None and time.time() < deadline:
+        if ready(lines):
+            process.send_signal(signal_number)
+            break
+        time.sleep(0.005)
+    status = process.wait(timeout=120)
+    reader.join()
+    return lines, status
+
+
+def test_kills_and_sigterm_end_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     task_flags = sentence_task_flags(tmp_path)
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    process = start_training(train_flags(stopped, task_flags, 30))
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("step      3/30"):
-            process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines[-20:])
-    stop_line = [line for line in lines if line.startswith("Stopped by SIGTERM after step")]
-    assert stop_line, "".join(lines[-20:])
-    stopped_at = int(stop_line[0].split("after step ")[1].split(":")[0])
-    assert 3 <= stopped_at < 30
-    assert sorted(os.listdir(stopped / "checkpoints")) == [str(stopped_at)]
+    command = [sys.executable, "-m", "t5x_lite.train",
+               *train_flags(stopped, task_flags, STEPS),
+               f"--gin.CHECKPOINT_PERIOD={CHECKPOINT_PERIOD}"]
+    checkpoint_dir = stopped / "checkpoints"
 
-    resumed = subprocess.run([sys.executable, "-m", "t5x_lite.train",
-                              *train_flags(stopped, task_flags, 30)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"Resuming from checkpoint at step {stopped_at}." in resumed.stdout
+    def logged(lines, step: int) -> bool:
+        return any(line.startswith(f"step {step:>6d}/{STEPS}") for line in lines)
+
+    def saved(step: int) -> bool:
+        return checkpoint_dir.exists() and str(step) in os.listdir(checkpoint_dir)
+
+    def saving(step: int) -> bool:  # The save's temporary directory exists.
+        return checkpoint_dir.exists() and any(
+            name.startswith(f"{step}{checkpoints.INCOMPLETE_MARK}")
+            for name in os.listdir(checkpoint_dir))
+
+    env = child_environment(tmp_path / "jax_cache")
+    # 1. SIGKILL between steps.
+    _, status = stop_when(command, lambda lines: logged(lines, 6) and saved(4), signal.SIGKILL,
+                          env)
+    assert status == -signal.SIGKILL and saved(4)
+    # 2. SIGKILL while the step-8 checkpoint is being written (it starts in the background
+    # once step 8 is logged; the steps that follow take milliseconds).
+    _, status = stop_when(command, lambda lines: logged(lines, 8) and saving(8),
+                          signal.SIGKILL, env)
+    assert status == -signal.SIGKILL
+    # 3. SIGTERM (sent by this process to itself, which runs the same command in-process,
+    # when step 13 is logged): the step finishes, a checkpoint is saved there, exit 143.
+    def sigterm_at_13(self, step, metrics, split):
+        write(self, step, metrics, split)
+        if split == "train" and step == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    write = metrics_io.MetricsWriter.write
+    monkeypatch.setattr(metrics_io.MetricsWriter, "write", sigterm_at_13)
+    with pytest.raises(SystemExit) as stopped_by:
+        launch.main("t5x_lite.train.run", "", command[3:])
+    gin.clear_config()
+    monkeypatch.undo()
+    assert stopped_by.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    (stop_line,) = [line for line in out.splitlines()
+                    if line.startswith("Stopped by SIGTERM after step")]
+    stopped_at = int(stop_line.split("after step ")[1].split(":")[0])
+    assert 13 <= stopped_at < 16 and saved(stopped_at)
+    # 4. SIGKILL just after the step-16 checkpoint; 5. the same command finishes the run.
+    lines, status = stop_when(command, lambda lines: logged(lines, 17) and saved(16),
+                              signal.SIGKILL, env)
+    assert f"Resuming from checkpoint at step {stopped_at}." in "\n".join(lines)
+    launch.main("t5x_lite.train.run", "", command[3:])
+    gin.clear_config()
+    out = capsys.readouterr().out
+    assert "Resuming from checkpoint at step 16." in out
+    # An interrupted save is reported and skipped, and never deleted.
+    leftovers = checkpoints.incomplete_checkpoints(
+        checkpoints.create_manager(str(stopped), read_only=True))
+    for name in leftovers:
+        assert f"Skipping {name}" in out
 
     # The same command, never stopped (in this process: same code, no start-up cost).
-    launch.main("t5x_lite.train.run", "", train_flags(straight, task_flags, 30))
+    launch.main("t5x_lite.train.run", "", [*train_flags(straight, task_flags, STEPS),
+                                           f"--gin.CHECKPOINT_PERIOD={CHECKPOINT_PERIOD}"])
     gin.clear_config()
     losses = {}
     for name in ("stopped", "straight"):
         losses[name] = {row["step"]: row["loss"]
                         for row in train_test.metric_rows(tmp_path / name, "train")}
-    assert sorted(losses["stopped"]) == list(range(1, 31))
-    assert losses["stopped"] == losses["straight"]
+    after_last_resume = range(17, STEPS + 1)
+    assert [losses["stopped"][s] for s in after_last_resume] == [
+        losses["straight"][s] for s in after_last_resume]
     _, params = newest_params(stopped)
     _, expected = newest_params(straight)
     for leaf, expected_leaf in zip(jax.tree_util.tree_leaves(params),

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import gin
-import jax
 import numpy as np
 import pytest
 
@@ -82,19 +81,8 @@ def test_loss_falls_and_rerun_resumes(task_name, tmp_path, capsys):
     train_in_process(tmp_path, 20)
     assert "Training already finished: checkpoint at step 20" in capsys.readouterr().out
 
-    # Exact resume: the checkpoint holds the input position, so the run resumed at step 10
-    # read the same batches as one that never stopped, and ends with the same parameters.
-    straight = tmp_path / "straight"
-    train_in_process(straight, 20)
-    assert [row["loss"] for row in metric_rows(straight, "train")] == [
-        row["loss"] for row in rows]
+    # The checkpoint holds the input position (exact resume: tests/preemption_test.py).
     assert "process_0-of-1" in os.listdir(tmp_path / "checkpoints" / "20" / "data")
-    from tests.finetune_test import newest_params
-    _, resumed_params = newest_params(tmp_path)
-    _, straight_params = newest_params(straight)
-    for resumed, uninterrupted in zip(jax.tree_util.tree_leaves(resumed_params),
-                                      jax.tree_util.tree_leaves(straight_params)):
-        np.testing.assert_array_equal(np.asarray(resumed), np.asarray(uninterrupted))
 
     # Evaluation restores the newest checkpoint and reproduces the in-training eval exactly.
     scores = eval_in_process(tmp_path)
