@@ -1,8 +1,10 @@
 """Metric sinks: MODEL_DIR/metrics.jsonl (one JSON object per logged step) and TensorBoard
-event files, plus the console line and the parameter table a run prints."""
+event files, the console line and the parameter table a run prints, and the averaging and
+throughput of the per-step metrics between two log lines (LogPeriod)."""
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -141,3 +143,56 @@ def state_bytes_line(sharded_state: Any) -> str:
     optimizer = partitioning.per_device_bytes(sharded_state.opt_state) / mib
     return (f"Per device: parameters {params:,.1f} MiB + optimizer state {optimizer:,.1f} MiB "
             f"= {params + optimizer:,.1f} MiB")
+
+
+# Per-step metrics that a logged row adds up (the rest it averages).
+SUMMED_METRICS = ("skipped_steps",)
+
+
+def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
+    """The mean of each metric over the rows (floats, or arrays for per-expert metrics); the
+    sum of SUMMED_METRICS. Skipped steps (non-finite, no update) count only as skipped."""
+    counted = [row for row in rows if not row.get("skipped_steps", 0)] or rows
+    means = {name: np.mean([row[name] for row in counted], axis=0) for name in rows[0]}
+    for name in SUMMED_METRICS:
+        if name in means:
+            means[name] = np.sum([row[name] for row in rows])
+    means.pop("consecutive_skips", None)
+    return {name: float(value) if np.ndim(value) == 0 else value
+            for name, value in means.items()}
+
+
+class LogPeriod:
+    """The per-step metrics since the last log line and the wall-clock time they took (less
+    pauses for evaluation and checkpoints); the first step after a start, which compiles,
+    counts in the averages but not in throughput."""
+
+    def __init__(self, start_step: int, tokens_per_step: int):
+        self.start_step, self.tokens_per_step = start_step, tokens_per_step
+        self.rows: list = []
+        self.period_start = self.timed_from = time.perf_counter()
+        self.paused, self.timed_steps = 0.0, 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Records a step's metrics (device arrays; the first step waits for them)."""
+        self.rows.append(metrics)
+        if step == self.start_step + 1:
+            jax.block_until_ready(metrics)
+            self.period_start = self.timed_from = time.perf_counter()
+        else:
+            self.timed_steps += 1
+
+    def fetch(self) -> list[dict]:
+        """The rows as NumPy values (waits for their steps to finish)."""
+        self.rows = jax.device_get(self.rows)
+        return self.rows
+
+    def take_row(self, step: int, total_steps: int) -> tuple[dict, float]:
+        """(averaged metrics with tokens_per_second, seconds left) and a new period."""
+        row, now = average_metrics(self.fetch()), time.perf_counter()
+        if self.timed_steps:
+            row["tokens_per_second"] = (self.tokens_per_step * self.timed_steps
+                                        / (now - self.period_start - self.paused))
+        seconds_per_step = (now - self.timed_from) / max(step - self.start_step - 1, 1)
+        self.rows, self.period_start, self.paused, self.timed_steps = [], now, 0.0, 0
+        return row, seconds_per_step * (total_steps - step)

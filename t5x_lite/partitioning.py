@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -163,3 +164,10 @@ def per_device_bytes(abstract_tree) -> int:
     largest shard of each leaf)."""
     return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
                for leaf in jax.tree_util.tree_leaves(abstract_tree))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Callable, Iterator
 
@@ -15,10 +14,10 @@ import gin
 import jax
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from t5x_lite import checkpoints
 from t5x_lite import evaluation
+from t5x_lite import faults
 from t5x_lite import hf
 from t5x_lite import launch
 from t5x_lite import metrics_io
@@ -69,9 +68,6 @@ class DataConfig:
             shard_index=jax.process_index(), num_shards=jax.process_count())
 
 
-NAN_POLICIES = ("stop", "skip", "rollback")
-
-
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """Length of the run and how often it logs, evaluates and checkpoints (in steps)."""
@@ -101,8 +97,8 @@ class LoopConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got "
+        if self.nan_policy not in faults.NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {', '.join(faults.NAN_POLICIES)}, got "
                              f"{self.nan_policy!r}")
         if self.metrics_period < 0:
             raise ValueError(f"metrics_period must be >= 0 (0: off), got {self.metrics_period}")
@@ -150,7 +146,7 @@ def evaluate(eval_step: Callable, params, data: DataConfig, mesh, eval_steps: in
     batches, sums = data.batches("validation", shuffle=False, seed=0, repeat=False), []
     while eval_steps is None or len(sums) < eval_steps:
         local = next(batches, None)
-        if not any_process(local is not None):
+        if not partitioning.any_process(local is not None):
             break
         if local is None:
             # Hosts' shards of the split differ in length, and every host must join each
@@ -167,13 +163,6 @@ def zero_batch(task_feature_lengths: dict, batch_size: int) -> dict[str, np.ndar
                "decoder": task_feature_lengths["targets"]}
     return {key: np.zeros((batch_size, lengths[key.split("_")[0]]), np.int32)
             for key in pipeline.BATCH_KEYS}
-
-
-def any_process(flag: bool) -> bool:
-    """Whether `flag` holds on any process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
@@ -404,38 +393,6 @@ def train_batches(data: DataConfig, seed: int, start_step: int,
     return data.train_batches(seed + start_step)
 
 
-class StopRequest:
-    """Records SIGTERM / SIGINT (preemption, Ctrl-C) while installed, so that training
-    finishes the current step, saves a checkpoint and exits instead of dying mid-step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal_number: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._record)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _record(self, number: int, frame) -> None:
-        self.signal_number = number
-
-    def requested(self) -> bool:
-        """Whether any process received a signal (a collective on multi-host runs)."""
-        return any_process(self.signal_number is not None)
-
-
-class Preempted(SystemExit):
-    """Training stopped on a signal after saving: exit status 128 + the signal number."""
-
-
 def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.TrainBatches,
                       signal_number: int | None, model_dir: str) -> None:
     checkpoints.save(manager, state, batches.state())
@@ -445,53 +402,10 @@ def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.
     say(f"Stopped by {name} after step {step}: checkpoint saved in "
         f"{checkpoints.checkpoint_dir(model_dir)}/{step}; rerun the same command to resume "
         "exactly there.")
-    raise Preempted(128 + (signal_number or signal.SIGTERM))
+    raise faults.Preempted(128 + (signal_number or signal.SIGTERM))
 
 
-class NonFiniteLoss(RuntimeError):
-    """A training step's loss or gradient norm was NaN or infinite."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
-
-
-class LogPeriod:
-    """The per-step metrics since the last log line and the wall-clock time they took (less
-    pauses for evaluation and checkpoints); the first step after a start, which compiles,
-    counts in the averages but not in throughput."""
-
-    def __init__(self, start_step: int, tokens_per_step: int):
-        self.start_step, self.tokens_per_step = start_step, tokens_per_step
-        self.rows: list = []
-        self.period_start = self.timed_from = time.perf_counter()
-        self.paused, self.timed_steps = 0.0, 0
-
-    def add(self, step: int, metrics: dict, state: trainer_lib.TrainState) -> None:
-        self.rows.append(metrics)
-        if step == self.start_step + 1:
-            jax.block_until_ready(state.step)
-            self.period_start = self.timed_from = time.perf_counter()
-        else:
-            self.timed_steps += 1
-
-    def fetch(self) -> list[dict]:
-        """The rows as NumPy values (waits for their steps to finish)."""
-        self.rows = jax.device_get(self.rows)
-        return self.rows
-
-    def take_row(self, step: int, total_steps: int) -> tuple[dict, float]:
-        """(averaged metrics with tokens_per_second, seconds left) and a new period."""
-        row, now = average_metrics(self.fetch()), time.perf_counter()
-        if self.timed_steps:
-            row["tokens_per_second"] = (self.tokens_per_step * self.timed_steps
-                                        / (now - self.period_start - self.paused))
-        seconds_per_step = (now - self.timed_from) / max(step - self.start_step - 1, 1)
-        self.rows, self.period_start, self.paused, self.timed_steps = [], now, 0.0, 0
-        return row, seconds_per_step * (total_steps - step)
-
-
-def rolled_back(trainer: trainer_lib.Trainer, manager, error: NonFiniteLoss,
+def rolled_back(trainer: trainer_lib.Trainer, manager, error: faults.NonFiniteLoss,
                 rollbacks: int, loop: LoopConfig) -> trainer_lib.TrainState:
     """The newest checkpoint's state, to go on from with the next batches (nan_policy
     "rollback"); re-raises `error` when there is none or after max_rollbacks in a row."""
@@ -512,24 +426,25 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
     step = int(state.step)
     lengths = data.task_feature_lengths
-    period = LogPeriod(step, data.batch_size * (lengths["inputs"] + lengths["targets"]))
+    period = metrics_io.LogPeriod(step, data.batch_size * (lengths["inputs"] + lengths["targets"]))
     report_metrics = task_metrics_reporter(trainer, data, loop, writer)
     if step == 0:
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
         report_metrics(state, say)
     progress, rollbacks = Progress(step, loop.train_steps), 0
-    with StopRequest() as stop:
+    with faults.StopRequest() as stop:
         while step < loop.train_steps:
             step += 1
             state, metrics = train_step(state, partitioning.global_batch(next(batches),
                                                                          trainer.mesh))
-            period.add(step, metrics, state)
+            period.add(step, metrics)
             progress.advance()
             saving = step % loop.checkpoint_period == 0 or step == loop.train_steps
             if step % loop.log_period == 0 or saving:
                 try:
-                    check_finite(period.fetch(), step, loop, manager)
-                except NonFiniteLoss as error:
+                    faults.check_finite(period.fetch(), step, loop.nan_policy,
+                                        loop.max_consecutive_skips, manager.latest_step)
+                except faults.NonFiniteLoss as error:
                     if loop.nan_policy != "rollback":
                         raise
                     rollbacks += 1
@@ -598,42 +513,6 @@ def task_metrics_reporter(trainer: trainer_lib.Trainer, data: DataConfig, loop: 
         print_line(f"step {step:>6d}  validation {metrics_io.format_task_metrics(values)}")
 
     return report
-
-
-def check_finite(rows: list[dict], last_step: int, loop: LoopConfig, manager) -> None:
-    """Stops the run at the first of `rows` (the steps up to `last_step`) whose loss or
-    gradient norm is not finite; under nan_policy "skip" only once the optimizer has
-    skipped more than max_consecutive_skips steps in a row (then the parameters are
-    already corrupt). Runs before any checkpoint of those steps is saved."""
-    for index, row in enumerate(rows):
-        step = last_step - len(rows) + 1 + index
-        finite = np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])
-        if finite or (loop.nan_policy == "skip"
-                      and row["consecutive_skips"] <= loop.max_consecutive_skips):
-            continue
-        kept = manager.latest_step()
-        raise NonFiniteLoss(
-            f"loss {row['loss']} and gradient norm {row['grad_norm']} at step {step}: "
-            f"stopped before saving it (the newest checkpoint, step {kept}, is intact); "
-            "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy to 'skip' "
-            "or 'rollback'", step)
-
-
-# Per-step metrics that a logged row adds up (the rest it averages).
-SUMMED_METRICS = ("skipped_steps",)
-
-
-def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
-    """The mean of each metric over the rows (floats, or arrays for per-expert metrics); the
-    sum of SUMMED_METRICS. Skipped steps (non-finite, no update) count only as skipped."""
-    counted = [row for row in rows if not row.get("skipped_steps", 0)] or rows
-    means = {name: np.mean([row[name] for row in counted], axis=0) for name in rows[0]}
-    for name in SUMMED_METRICS:
-        if name in means:
-            means[name] = np.sum([row[name] for row in rows])
-    means.pop("consecutive_skips", None)
-    return {name: float(value) if np.ndim(value) == 0 else value
-            for name, value in means.items()}
 
 
 if __name__ == "__main__":

@@ -112,7 +112,6 @@ def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
 
 
 def test_decode_rows_are_tokens_over_seconds():
-    pytest.importorskip("transformers")
     rows = json_rows(run_benchmark("decode", "--preset", "t5_1_1_tiny", "--batch", "2",
                                    "--inputs", "16", "--targets", "4", "--repeats", "1",
                                    "--beam-size", "3", "--compare-hf", "--json"))

@@ -7,15 +7,15 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 import pytest
+import torch
+import transformers
+from flax import traverse_util
 
 from t5x_lite import hf
 from t5x_lite import models
 from tests.finetune_test import newest_params
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "convert_hf.py")

@@ -2,8 +2,10 @@
 accuracy decoded during training and by t5x_lite.eval; the demo gin file."""
 import gin
 import numpy as np
-from flax import traverse_util
 import pytest
+import torch
+import transformers
+from flax import traverse_util
 
 from t5x_lite import eval as eval_lib
 from t5x_lite import hf
@@ -13,8 +15,6 @@ from tests import evaluation_test
 from tests import train_test
 from tests.finetune_test import newest_params
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 LENGTHS = '{"inputs": 32, "targets": 40}'
 

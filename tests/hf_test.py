@@ -5,15 +5,15 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 import pytest
+import torch
+import transformers
+from flax import traverse_util
 
 from t5x_lite import hf
 from t5x_lite import models
 from t5x_lite import moe
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 97
 # T5 v1.0 (ReLU, tied embeddings) and v1.1 (gated-GELU, own lm_head), with head counts,

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from t5x_lite import faults
 from t5x_lite import trainer as trainer_lib
 from tests import train_test
 from tests.finetune_test import newest_params
@@ -49,8 +50,7 @@ def run(model_dir, steps: int, *extra: str) -> None:
 
 
 def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, poisoned):
-    from t5x_lite import train
-    with pytest.raises(train.NonFiniteLoss, match=f"at step {POISONED_STEP}: stopped before "
+    with pytest.raises(faults.NonFiniteLoss, match=f"at step {POISONED_STEP}: stopped before "
                        r"saving it \(the newest checkpoint, step 5, is intact\)"):
         run(tmp_path, 12)
     assert os.listdir(tmp_path / "checkpoints") == ["5"]
