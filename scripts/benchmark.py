@@ -9,6 +9,7 @@
   python scripts/benchmark.py moe --preset switch_tiny --batch 8 --inputs 512 --targets 114
   python scripts/benchmark.py decode --preset t5_1_1_small --batch 8 --inputs 512 --targets 114 \\
       [--compare-hf]
+  python scripts/benchmark.py checkpoint --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -35,6 +36,15 @@ Figures (each measured in the run that prints it; add --json for one JSON object
          ratio_to_transformers   with --compare-hf: t5x_lite tokens/s / transformers' (same
                               weights, inputs and lengths; generate forced to `targets` new
                               tokens; the two timed in turn, A B A B ...)
+  checkpoint  step_seconds      median plain train step (as train), between saves
+         save_step_seconds    median step that starts an asynchronous save, as the training
+                              loop does it: train step, the input position's state(), the
+                              save call (it copies the state to host memory), then waiting
+         save_step_slowdown   save_step_seconds / step_seconds - 1; required < 0.2
+         steps_during_save, during_save_slowdown   steps run while the save still wrote in
+                              the background (per save), and their median slowdown
+         blocking_save_seconds   one save waited for to the end; checkpoint_mib its size
+                              on disk, state_mib the parameters and optimizer state's
   moe    the train figures of an MoE preset and of its dense counterpart (same widths), plus
          parameters, active_parameters   all parameters, and those one token passes through
                               (each sparse MLP counted as its K chosen experts and its router)
@@ -61,6 +71,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from t5x_lite import launch  # noqa: E402  (gin, absl and jax; no TensorFlow yet)
 
 REQUIRED_INPUT_RATIO = 5.0  # The input pipeline must outpace the train step this many times.
+MAX_SAVE_SLOWDOWN = 0.2  # A step that starts an asynchronous save may take 20% longer.
 DEFAULT_TASKS = "stdlib_span_corruption,stdlib_ul2,stdlib_prefix_lm,stdlib_bart"
 PRESET_DIR = os.path.join(launch.GIN_DIR, "models")
 TRAIN_STEPS, TRAIN_WARMUP_STEPS = 10, 2  # Defaults: timed and untimed steps after compiling.
@@ -167,8 +178,11 @@ def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) 
     return arrays
 
 
-def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int,
-                  warmup: int, **overrides) -> dict:
+def train_setup(preset: str, batch: int, inputs: int, targets: int, **overrides):
+    """(trainer, initial state, compiled train step, device-resident packed-shaped batch)
+    for the preset, trained as gin/runs/pretrain.gin trains it: Adafactor with T5's rsqrt
+    schedule (the rate's value does not change the step's cost), data parallel over all
+    devices."""
     import jax
     from t5x_lite import optimizers
     from t5x_lite import partitioning
@@ -179,20 +193,35 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
         raise launch.UsageError(f"--batch {batch} must divide evenly over the "
                                 f"{jax.device_count()} devices: pass a multiple of it")
     config = model_config_of(preset, **overrides)
-    # As gin/runs/pretrain.gin trains: Adafactor with T5's rsqrt schedule, data parallel over
-    # all devices (the rate's value does not change the step's cost).
     trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
                                   partitioning.MeshConfig(), seed=0)
     arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size)
     assert set(arrays) == set(pipeline.BATCH_KEYS)
     device_batch = partitioning.global_batch(arrays, trainer.mesh)
-    state, train_step = trainer.init_state(seed=0), trainer.compile_train_step()
+    return trainer, trainer.init_state(seed=0), trainer.compile_train_step(), device_batch
+
+
+def timed_step(train_step: Callable, state, device_batch, after: Callable | None = None):
+    """(new state, wall-clock seconds) of one train step, waited for; `after(new state)` runs
+    once the step is dispatched, as the training loop saves a checkpoint there."""
+    import jax
+
+    start = time.perf_counter()
+    state, metrics = train_step(state, device_batch)
+    if after is not None:
+        after(state)
+    jax.block_until_ready((state, metrics))
+    return state, time.perf_counter() - start
+
+
+def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int,
+                  warmup: int, **overrides) -> dict:
+    _, state, train_step, device_batch = train_setup(preset, batch, inputs, targets,
+                                                     **overrides)
     seconds = []
     for _ in range(1 + warmup + steps):  # Compilation, warm-up, then timed steps.
-        start = time.perf_counter()
-        state, metrics = train_step(state, device_batch)
-        jax.block_until_ready((state, metrics))
-        seconds.append(time.perf_counter() - start)
+        state, step_seconds = timed_step(train_step, state, device_batch)
+        seconds.append(step_seconds)
     step_seconds = statistics.median(seconds[1 + warmup:])
     return {"what": "train", "preset": preset, "device": device_name(), "batch": batch,
             "inputs": inputs, "targets": targets, "steps": steps,
@@ -412,6 +441,76 @@ def run_state(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
+def measure_checkpoint(preset: str, batch: int, inputs: int, targets: int, saves: int,
+                       steps_between: int, directory: str) -> dict:
+    """Step times around asynchronous saves, as the training loop makes them: the step that
+    starts a save (train step, the input position's state(), the save call, then waiting for
+    the step), the steps that run while it writes in the background, and plain steps; plus
+    the time of a save waited for to the end."""
+    from t5x_lite import checkpoints
+    from t5x_lite import partitioning
+    from t5x_lite.data import pipeline
+
+    _, state, train_step, device_batch = train_setup(preset, batch, inputs, targets)
+    state_mib = partitioning.per_device_bytes((state.params, state.opt_state)) / 2**20
+    # A real input position to save with each checkpoint (the byte-level span-corruption
+    # task at these lengths), as training saves one.
+    batches = pipeline.TrainBatches(pipeline.get_dataset(
+        "stdlib_span_corruption_bytes", "train", {"inputs": inputs, "targets": targets}, batch,
+        shuffle=True, seed=0, repeat=True))
+    next(batches)
+    manager = checkpoints.create_manager(directory, keep=2)
+    plain, saving, during = [], [], []
+    for _ in range(1 + TRAIN_WARMUP_STEPS):  # Compilation and warm-up.
+        state, _ = timed_step(train_step, state, device_batch)
+    for _ in range(saves):
+        for _ in range(steps_between):
+            state, seconds = timed_step(train_step, state, device_batch)
+            plain.append(seconds)
+        state, seconds = timed_step(train_step, state, device_batch, lambda new: checkpoints.save(
+            manager, new, batches.state()))
+        saving.append(seconds)
+        while manager.is_saving_in_progress():
+            state, seconds = timed_step(train_step, state, device_batch)
+            during.append(seconds)
+        manager.wait_until_finished()
+    start = time.perf_counter()
+    checkpoints.save(manager, state, batches.state())
+    manager.wait_until_finished()
+    blocking_save_seconds = time.perf_counter() - start
+    step_seconds = statistics.median(plain)
+    row = {"what": "checkpoint", "preset": preset, "device": device_name(), "batch": batch,
+           "inputs": inputs, "targets": targets, "saves": saves, "step_seconds": step_seconds,
+           "save_step_seconds": statistics.median(saving),
+           "save_step_slowdown": statistics.median(saving) / step_seconds - 1,
+           "steps_during_save": len(during) / saves,
+           "during_save_slowdown": (statistics.median(during) / step_seconds - 1
+                                    if during else 0.0),
+           "blocking_save_seconds": blocking_save_seconds,
+           "checkpoint_mib": directory_bytes(os.path.join(
+               checkpoints.checkpoint_dir(directory), str(int(state.step)))) / 2**20,
+           "state_mib": state_mib}
+    row["below_20_percent"] = row["save_step_slowdown"] < MAX_SAVE_SLOWDOWN
+    return row
+
+
+def run_checkpoint(args: argparse.Namespace) -> list[dict]:
+    import tempfile
+
+    check_preset(args.preset)
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        return [measure_checkpoint(args.preset, args.batch, args.inputs, args.targets,
+                                   args.saves, args.steps_between, directory)]
+
+
 # ----------------------------------------------------------------------------- input
 
 
@@ -505,6 +604,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="scripts/benchmark.py", description=__doc__.splitlines()[0],
                             epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(launch.VERBOSE_FLAG, action="store_true", help=launch.VERBOSE_HELP)
     # A subcommand is a parser here plus run=fn(args) -> rows, one dict per measurement.
     commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     train_parser = commands.add_parser("train", help="median train-step time and throughput")
@@ -552,6 +652,19 @@ def build_parser() -> ArgumentParser:
     state_parser.add_argument("--json", action="store_true")
     state_parser.set_defaults(run=run_state)
 
+    checkpoint_parser = commands.add_parser(
+        "checkpoint", help="slowdown of the step that starts an asynchronous save")
+    checkpoint_parser.add_argument("--preset", required=True,
+                                   help="a model in gin/models/, e.g. t5_1_1_small")
+    add_sizes(checkpoint_parser)
+    checkpoint_parser.add_argument("--saves", type=int_at_least(1), default=3,
+                                   help="asynchronous saves to time")
+    checkpoint_parser.add_argument("--steps-between", type=int_at_least(1), default=3,
+                                   help="plain steps timed before each save")
+    checkpoint_parser.add_argument("--dir", default=None,
+                                   help="where to write the checkpoints (a temporary "
+                                   "directory inside it, removed after; default: $TMPDIR)")
+    checkpoint_parser.set_defaults(run=run_checkpoint)
     input_parser = commands.add_parser("input", help="input pipeline examples/s on --cores")
     input_parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated names")
     add_sizes(input_parser)
@@ -570,10 +683,10 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Bad input ends with one `error:` line and status 2; T5X_LITE_DEBUG=1 re-raises."""
+    """Bad input ends with one `error:` line and status 2; --verbose shows the traceback."""
     launch.quiet_library_logs()
-    with launch.bad_input_exits():
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    with launch.bad_input_exits(argv) as argv:
+        args = build_parser().parse_args(argv)
         rows = args.run(args)
     print_rows(rows, args.json)
 

@@ -11,7 +11,6 @@
 """
 import argparse
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -46,12 +45,7 @@ def restored_params(model: models.EncoderDecoderModel, model_dir: str) -> tuple[
                                 f"MODEL_DIR of a training run")
     abstract = jax.eval_shape(model.init, jax.random.key(0))
     manager = checkpoints.create_manager(model_dir, read_only=True)
-    try:
-        return checkpoints.restore_params(manager, abstract)
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"the checkpoint in {model_dir} is not of the gin model "
-                         f"({launch.first_line(error)[:160]}): pass the run's model gin "
-                         f"file with --gin_file") from None
+    return checkpoints.restore_params(manager, abstract)
 
 
 def to_hf(args: argparse.Namespace) -> None:
@@ -97,7 +91,7 @@ def from_hf(args: argparse.Namespace) -> None:
           f"{model_dir}/checkpoints/0 and its architecture to {model_dir}/{MODEL_GIN}.")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,11 +107,12 @@ def main(argv: list[str]) -> None:
     import_.set_defaults(run=from_hf)
     for sub in (export, import_):
         sub.error = parser.error
+    parser.add_argument(launch.VERBOSE_FLAG, action="store_true", help=launch.VERBOSE_HELP)
     launch.quiet_library_logs()
-    with launch.bad_input_exits():
+    with launch.bad_input_exits(argv) as argv:
         args = parser.parse_args(argv)
         args.run(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

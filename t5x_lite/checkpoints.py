@@ -94,6 +94,15 @@ def save(manager: ocp.CheckpointManager, state: trainer.TrainState,
 INCOMPLETE_MARK = ".orbax-checkpoint-tmp"
 
 
+def complete_steps(model_dir: str) -> list[int]:
+    """Steps of the complete checkpoints on disk, oldest first (read afresh, unlike the
+    manager's cached list)."""
+    directory = checkpoint_dir(model_dir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def incomplete_checkpoints(manager: ocp.CheckpointManager) -> list[str]:
     """Names of step directories whose save never finished (the process died mid-save).
     Orbax writes under a temporary name and renames when complete, so these are never read;
@@ -117,10 +126,67 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.Train
     has_data = (epath.Path(manager.directory) / str(step) / "data").exists()
     if has_data:
         items["data"] = DataStateRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = _restore(manager, step, abstract_state.params, items)
     state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=restored["params"],
                                opt_state=restored["opt_state"])
     return state, restored["data"] if has_data else None
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_params, items: dict) -> dict:
+    """Restores `items` of checkpoint `step` after checking that its parameters have the
+    shapes of `abstract_params`; a checkpoint that cannot be read is a ValueError naming
+    the fix (Orbax would fail deep inside TensorStore)."""
+    check_same_model(manager, step, abstract_params)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:
+        raise ValueError(damaged_message(manager, step, error)) from error
+
+
+def damaged_message(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+    path = epath.Path(manager.directory) / str(step)
+    # TensorStore appends its whole spec ("See full TensorStore details: ...").
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = reason.split(". See full")[0][:120]
+    older = [s for s in manager.all_steps() if s < step]
+    then = (f"to go on from step {max(older)}, the newest before it" if older
+            else "to start without it")
+    return (f"checkpoint {path} cannot be read ({reason}): it is damaged; move it out of "
+            f"checkpoints/ (mv {path} {path.parent.parent}/damaged_checkpoint_{step}) {then}")
+
+
+def check_same_model(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+    """Raises ValueError naming the first parameter whose shape (or presence) differs between
+    checkpoint `step` and `abstract_params`: the directory belongs to another model."""
+    saved, wanted = (_shapes_by_name(tree) for tree in
+                     (saved_params_metadata(manager, step), abstract_params))
+    for name in sorted(saved.keys() | wanted.keys()):
+        if saved.get(name) != wanted.get(name):
+            raise ValueError(
+                f"{epath.Path(manager.directory).parent} holds checkpoints of another model: "
+                f"parameter {name} "
+                f"is {_shape_text(saved.get(name))} there and {_shape_text(wanted.get(name))} "
+                "in the gin model; use that run's model settings (its config.gin) or another "
+                "directory")
+
+
+def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else "x".join(map(str, shape))
+
+
+def saved_params_metadata(manager: ocp.CheckpointManager, step: int):
+    """The tree of ArrayMetadata (.shape, .dtype) of checkpoint `step`'s parameters, read
+    from its metadata alone; ValueError naming the fix when it cannot be read."""
+    try:
+        return ocp.StandardCheckpointer().metadata(
+            os.path.join(str(manager.directory), str(step), "params")).item_metadata.tree
+    except Exception as error:
+        raise ValueError(damaged_message(manager, step, error)) from error
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int:
@@ -136,14 +202,12 @@ def params_metadata(manager: ocp.CheckpointManager) -> tuple[int, object]:
     """(step, tree of ArrayMetadata with .shape and .dtype) of the newest checkpoint's
     parameters, read from its metadata alone, for restoring a model whose config is unknown."""
     step = latest_step(manager)
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(str(manager.directory), str(step), "params"))
-    return step, metadata.item_metadata.tree
+    return step, saved_params_metadata(manager, step)
 
 
 def restore_params(manager: ocp.CheckpointManager, abstract_params) -> tuple[int, object]:
     """(step, params) of the newest checkpoint; raises FileNotFoundError when there is none."""
     step = latest_step(manager)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    restored = _restore(manager, step, abstract_params,
+                        {"params": ocp.args.StandardRestore(abstract_params)})
     return step, restored["params"]

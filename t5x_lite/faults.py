@@ -1,5 +1,8 @@
 """Stopping and recovering a training run: SIGTERM / SIGINT requests (preemption, Ctrl-C),
-and steps whose loss or gradient norm is not finite (NaN policies)."""
+steps whose loss or gradient norm is not finite (NaN policies), and a full disk."""
+import contextlib
+import errno
+import os
 import signal
 import threading
 from typing import Callable
@@ -72,3 +75,28 @@ def check_finite(rows: list[dict], last_step: int, nan_policy: str,
             f"stopped before saving it (the newest checkpoint, step {kept}, is intact); "
             "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy to 'skip' "
             "or 'rollback'", step)
+
+
+class DiskFull(RuntimeError):
+    """MODEL_DIR's file system ran out of space (or quota) while training wrote to it."""
+
+
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_explained(model_dir: str, newest_checkpoint: Callable[[], int | None]):
+    """Turns running out of space inside the block (a checkpoint save, metrics) into
+    DiskFull naming the fix and the newest complete checkpoint, which a rerun resumes from;
+    Orbax left the unfinished save under a temporary name, which restore skips."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in FULL_DISK_ERRORS:
+            raise
+        kept = newest_checkpoint()
+        resume = (f"from the newest complete checkpoint, step {kept}" if kept is not None
+                  else "from the start (no checkpoint was completed)")
+        raise DiskFull(f"no space left on the disk of {os.path.abspath(model_dir)} (writing "
+                       f"{error.filename or 'a file'}): free space, then rerun the same "
+                       f"command; it resumes {resume}") from error

@@ -7,7 +7,6 @@ with sentinels as <extra_id_N> and UL2 mode tokens as themselves.
 Lengths default to TASK_FEATURE_LENGTHS of the gin files given, else 512 / 114.
 """
 import argparse
-import sys
 
 import numpy as np
 
@@ -56,9 +55,8 @@ def describe(task_name: str, split: str, lengths: dict[str, int], count: int, se
 
 def main(argv: list[str] | None = None) -> None:
     launch.quiet_library_logs()
-    with launch.bad_input_exits():
-        args = launch.parse_flags(sys.argv[1:] if argv is None else argv, __doc__, _parser(),
-                                  require_gin_file=False)
+    with launch.bad_input_exits(argv) as argv:
+        args = launch.parse_flags(argv, __doc__, _parser(), require_gin_file=False)
         if args.gin_file:
             launch.parse_gin(args.gin_file, args.gin_bindings)
         task_name = args.task or launch.macro_value("MIXTURE_OR_TASK_NAME")

@@ -12,6 +12,8 @@ import importlib.util
 import logging
 import os
 import sys
+from typing import Iterator
+
 import gin
 import jax
 import sentencepiece
@@ -35,6 +37,7 @@ def parse_flags(argv: list[str], description: str,
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="a gin binding such as \"TRAIN_STEPS = 100\" (repeatable)")
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
     # Read as strings and checked in distributed_settings, so bad values get our one line.
     parser.add_argument("--coordinator_address", help="multi-host: HOST:PORT of process 0 "
                         "(omit on TPU pods and SLURM, where jax finds it)")
@@ -157,8 +160,7 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
     logging.disable(logging.ERROR)
     try:
         gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
-    except (ValueError, KeyError, SyntaxError, ImportError, TypeError, AttributeError,
-            NameError) as error:
+    except Exception as error:  # Gin raises many types (tokenize errors, IOError, ...).
         raise UsageError(f"bad gin configuration: {first_line(error)}") from error
     finally:
         logging.disable(logging.NOTSET)
@@ -192,16 +194,29 @@ def macro_value(name: str, default=None):
         return gin.get_configurable("gin.macro")()
 
 
+VERBOSE_FLAG = "--verbose"
+VERBOSE_HELP = "on bad input, show the traceback as well as the one-line error"
+
+
 @contextlib.contextmanager
-def bad_input_exits():
-    """Turns bad input inside the block into one `error:` line and exit status 2
-    (T5X_LITE_DEBUG=1 re-raises to show the traceback)."""
+def bad_input_exits(argv: list[str] | None = None) -> Iterator[list[str]]:
+    """Yields the command's arguments (sys.argv[1:] when `argv` is None) without --verbose,
+    and turns bad input inside the block into one `error:` line and exit status 2; with
+    --verbose (or T5X_LITE_DEBUG=1) the error is re-raised to show the traceback."""
+    whole_program = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = VERBOSE_FLAG in argv or bool(os.environ.get("T5X_LITE_DEBUG"))
     try:
-        yield
+        yield [arg for arg in argv if arg != VERBOSE_FLAG]
     except BAD_INPUT_ERRORS as error:
-        if os.environ.get("T5X_LITE_DEBUG"):
+        if verbose:
             raise
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
+        if whole_program:
+            # The line is the whole answer: TensorStore reads abandoned by a failed restore
+            # would otherwise print tracebacks from a closed event loop while Python exits.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
         sys.exit(2)
 
 
@@ -211,11 +226,10 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     t5x_lite.train` and `python -m t5x_lite.train` configure the same function object.
 
     Bad input (flags, gin, configuration values, missing files) ends the program with one
-    line and exit status 2; T5X_LITE_DEBUG=1 re-raises to show the traceback.
+    line and exit status 2; --verbose (or T5X_LITE_DEBUG=1) shows the traceback too.
     """
-    argv = sys.argv[1:] if argv is None else argv
     quiet_library_logs()
-    with bad_input_exits():
+    with bad_input_exits(argv) as argv:
         args = parse_flags(argv, description)
         parse_gin(args.gin_file, args.gin_bindings)
         start_distributed(args.distributed)

@@ -58,6 +58,9 @@ class DataConfig:
             self.host_batch_size(), shuffle=True, seed=seed, repeat=True, pack=self.pack,
             shard_index=jax.process_index(), num_shards=jax.process_count()))
 
+    def has_split(self, split: str) -> bool:
+        return split in tasks.get_task_or_mixture(self.mixture_or_task_name).splits
+
     def batches(self, split: str, *, shuffle: bool, seed: int | None, repeat: bool,
                 pack: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
         """This host's share of each global batch."""
@@ -229,10 +232,6 @@ def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_li
     except FileNotFoundError:
         raise FileNotFoundError(f"INIT_FROM {model_dir!r} holds no checkpoint: point it at the "
                                 "MODEL_DIR of the pretraining run") from None
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"the checkpoint in INIT_FROM {model_dir!r} is not of this model "
-                         f"({launch.first_line(error)[:200]}): use the pretraining run's "
-                         "model gin file") from None
     say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
         "fresh optimizer state, step 0.")
     return trainer.state_from_params(params)
@@ -357,25 +356,37 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
                             if loop.nan_policy == "skip" else None)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
-    if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
+    if not data.has_split("validation"):
+        say(f"Task {data.mixture_or_task_name!r} has no validation split: training without "
+            "validation loss (register one, e.g. validation_files for local text).")
     sharded_state = trainer.sharded_abstract_state()
     say(metrics_io.parameter_table(sharded_state.params, trainer.model.logical_axes()))
     say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
-    state, data_state = restore_or_init(trainer, manager, loop.seed, upcycle_from, init_from)
-    start_step = int(state.step)
-    if start_step >= loop.train_steps:
-        say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
-            f"{loop.train_steps} in {model_dir}.")
-        return
-    try:
-        train_loop(trainer, state, manager, data, loop, model_dir,
-                   train_batches(data, loop.seed, start_step, data_state))
-    finally:
-        # Whatever stops the run, a checkpoint being written in the background completes.
-        manager.wait_until_finished()
+    newest = lambda: max(checkpoints.complete_steps(model_dir), default=None)  # noqa: E731
+    with faults.disk_full_explained(model_dir, newest):
+        state, data_state = restore_or_init(trainer, manager, loop.seed, upcycle_from,
+                                            init_from)
+        start_step = int(state.step)
+        if start_step >= loop.train_steps:
+            say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
+                f"{loop.train_steps} in {model_dir}.")
+            return
+        batches = train_batches(data, loop.seed, start_step, data_state)
+        # Written once the checkpoints are known to be of this model and the task to build.
+        write_config(model_dir)
+        try:
+            train_loop(trainer, state, manager, data, loop, model_dir, batches)
+        finally:
+            # Whatever stops the run, a checkpoint being written in the background completes.
+            manager.wait_until_finished()
+
+
+def write_config(model_dir: str) -> None:
+    """MODEL_DIR/config.gin: every setting of the run, for eval, infer and convert_hf."""
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
 
 
 def train_batches(data: DataConfig, seed: int, start_step: int,
@@ -480,6 +491,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
 def report_eval(writer: metrics_io.MetricsWriter, eval_step: Callable,
                 state: trainer_lib.TrainState, data: DataConfig, mesh, loop: LoopConfig,
                 print_line: Callable[[str], None]) -> None:
+    if not data.has_split("validation"):
+        return
     scores = evaluate(eval_step, state.params, data, mesh, loop.eval_steps)
     step = int(state.step)
     writer.write(step, scores, "validation")

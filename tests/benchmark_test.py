@@ -125,3 +125,18 @@ def test_decode_rows_are_tokens_over_seconds():
         np.testing.assert_allclose(ours["ratio_to_transformers"],
                                    ours["tokens_per_second"] / theirs["tokens_per_second"],
                                    rtol=1e-9)
+
+def test_checkpoint_rows_time_the_step_that_starts_a_save(tmp_path):
+    (row,) = json_rows(run_benchmark("checkpoint", "--preset", "t5_1_1_tiny", "--batch", "2",
+                                     "--inputs", "16", "--targets", "8", "--saves", "2",
+                                     "--steps-between", "2", "--dir", str(tmp_path), "--json"))
+    assert row["what"] == "checkpoint" and row["saves"] == 2
+    assert 0 < row["step_seconds"] and 0 < row["save_step_seconds"]
+    np.testing.assert_allclose(row["save_step_slowdown"],
+                               row["save_step_seconds"] / row["step_seconds"] - 1, rtol=1e-9)
+    assert row["below_20_percent"] == (row["save_step_slowdown"] < 0.2)
+    assert row["steps_during_save"] >= 0 and row["blocking_save_seconds"] > 0
+    # The arrays, uncompressed, plus metadata and the input position (its shuffle buffer of
+    # documents: about 2 MiB here).
+    assert row["state_mib"] < row["checkpoint_mib"] < row["state_mib"] + 8
+    assert not os.listdir(tmp_path)  # The temporary directory is removed.

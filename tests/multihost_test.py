@@ -1,6 +1,7 @@
 """Multi-host training: two local processes of 4 CPU devices each, joined by jax.distributed
 on 127.0.0.1 with gloo collectives, train the tiny model through `python -m t5x_lite.train`'s
-path (launch.main) and save one checkpoint together.
+path (launch.main). A SIGTERM to one of them during step 2 makes both save step 2 (each its
+own input position) and exit 143; rerun, they resume there and finish at step 3.
 
 The reference is one process of 8 devices on the same gin configuration. Reading the task in
 one process gives other batches than two hosts reading disjoint halves (seqio shards the
@@ -34,7 +35,7 @@ TIMEOUT_S = 240
 # the train entry point. "reference" reads both shards in one process (see module docstring)
 # and afterwards restores both runs' checkpoints into .npz files of parameters.
 DRIVER = textwrap.dedent("""
-    import hashlib, sys
+    import hashlib, os, signal, sys
     import gin, jax, numpy as np
     jax.config.update("jax_numpy_rank_promotion", "raise")
     from t5x_lite import eval as eval_lib, launch, models, partitioning, train
@@ -44,12 +45,17 @@ DRIVER = textwrap.dedent("""
 
         def __init__(self, shard_index, batches):
             self.shard_index, self.batches, self.reported = shard_index, batches, False
+            self.taken = 0
 
         def __iter__(self):
             return self
 
         def __next__(self):
             batch = next(self.batches)
+            self.taken += 1
+            if self.taken == int(os.environ.get("SIGTERM_AT_STEP_ON_PROCESS_1", 0)) and \
+                    jax.process_index() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # As a preempted host receives it.
             if not self.reported:
                 digest = hashlib.sha1(batch["encoder_input_tokens"].tobytes()).hexdigest()[:16]
                 print("first train batch of shard", self.shard_index, digest, flush=True)
@@ -155,9 +161,11 @@ def failure(name: str, returncode: int, stderr: str) -> str:
     return f"{name} exited with {returncode}; stderr tail:\n{stderr[-3000:]}"
 
 
-def run_two_hosts(tmp_path) -> list[str]:
-    """Both processes' stdout, after they train and checkpoint together. One failing stops
-    the other, which would otherwise wait for its partner until the timeout."""
+def run_two_hosts(tmp_path, sigterm_at_step: int = 0, status: int = 0) -> list[str]:
+    """Both processes' stdout, after they train and checkpoint together and exit with
+    `status`; with `sigterm_at_step`, process 1 receives SIGTERM while taking that step's
+    batch. One failing stops the other, which would otherwise wait for its partner until
+    the timeout."""
     address = f"127.0.0.1:{free_port()}"
     # Each process stands for a slice: the data axis spans both over the (here local) DCN.
     flags = [*train_flags(tmp_path, "two_hosts"),
@@ -170,10 +178,11 @@ def run_two_hosts(tmp_path) -> list[str]:
                 driver_command("host", tmp_path, [
                     *flags, f"--coordinator_address={address}", "--num_processes=2",
                     f"--process_id={index}"]),
-                cwd=REPO, env=environment(4), stdout=stdout, stderr=stderr))
+                cwd=REPO, stdout=stdout, stderr=stderr, env={
+                    **environment(4), "SIGTERM_AT_STEP_ON_PROCESS_1": str(sigterm_at_step)}))
     deadline = time.monotonic() + TIMEOUT_S
     while (time.monotonic() < deadline and any(p.poll() is None for p in processes)
-           and not any(p.poll() for p in processes)):
+           and not any(p.poll() not in (None, status) for p in processes)):
         time.sleep(0.5)
     for process in processes:
         if process.poll() is None:
@@ -181,7 +190,7 @@ def run_two_hosts(tmp_path) -> list[str]:
         process.wait()
     failures = [failure(f"process {index}", process.returncode, err.read_text())
                 for index, (process, (_, err)) in enumerate(zip(processes, logs))
-                if process.returncode]
+                if process.returncode != status]
     assert not failures, "\n".join(failures)
     return [out.read_text() for out, _ in logs]
 
@@ -193,7 +202,13 @@ def first_batches(stdout: str) -> dict[int, str]:
 
 
 def test_two_hosts_match_one_host_and_checkpoint_restores_anywhere(tmp_path):
-    host_outputs = run_two_hosts(tmp_path)
+    host_outputs = run_two_hosts(tmp_path, sigterm_at_step=2, status=128 + 15)
+    saved = tmp_path / "two_hosts" / "checkpoints" / "2"
+    assert f"Stopped by a signal on another process after step 2: checkpoint saved in " \
+           f"{saved}" in host_outputs[0]
+    assert {"process_0-of-2", "process_1-of-2"} <= set(os.listdir(saved / "data"))
+    resumed = run_two_hosts(tmp_path)
+    assert "Resuming from checkpoint at step 2." in resumed[0]
     reference = subprocess.run(driver_command("reference", tmp_path,
                                               train_flags(tmp_path, "reference")),
                                cwd=REPO, env=environment(8), capture_output=True, text=True,
@@ -205,7 +220,7 @@ def test_two_hosts_match_one_host_and_checkpoint_restores_anywhere(tmp_path):
     # rows the reference read for that shard.
     assert "Process 0 of 2: 4 local devices, 8 devices in all" in host_outputs[0]
     assert "Mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}." in host_outputs[0]
-    assert f"Finished at step {STEPS}" in host_outputs[0]
+    assert f"Finished at step {STEPS}" in resumed[0]
     assert "Process" not in host_outputs[1] and "step" not in host_outputs[1]
     shards = {**first_batches(host_outputs[0]), **first_batches(host_outputs[1])}
     assert sorted(shards) == [0, 1] and shards[0] != shards[1]

@@ -120,6 +120,15 @@ def _file_documents(path: str, jsonl_documents: dict[str, list[str]],
     return lines.map(lambda text: {"text": text})
 
 
+def _has_text(path: str, chunk_bytes: int = 1 << 20) -> bool:
+    """Whether a text file holds anything but whitespace (read until the first such chunk)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            if chunk.strip():
+                return True
+    return False
+
+
 def _check_files(files: str | Sequence[str]) -> list[str]:
     paths = [files] if isinstance(files, str) else list(files)
     if not paths:
@@ -145,6 +154,11 @@ def text_files_source(files: str | Sequence[str],
     jsonl_documents = {path: _read_jsonl_documents(path, text_field)
                        for paths in files_by_split.values() for path in paths
                        if path.endswith(".jsonl")}
+    for split, paths in files_by_split.items():
+        if not any(jsonl_documents[path] if path in jsonl_documents else _has_text(path)
+                   for path in paths):
+            raise ValueError(f"the {split} files hold no text ({', '.join(paths)}): add "
+                             "documents, one per line (.txt) or one JSON object per line (.jsonl)")
     splits = tuple(files_by_split)
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
@@ -263,6 +277,11 @@ def supervised_files_source(files: str | Sequence[str],
     pairs_by_split = {split: [pair for path in paths
                               for pair in _read_supervised_pairs(path, input_field, target_field)]
                       for split, paths in files_by_split.items()}
+    for split, pairs in pairs_by_split.items():
+        if not pairs:
+            raise ValueError(f"the {split} files hold no examples "
+                             f"({', '.join(files_by_split[split])}): add one (input, target) "
+                             "per line, as JSON (.jsonl) or input TAB target (.tsv)")
     splits = tuple(files_by_split)
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:

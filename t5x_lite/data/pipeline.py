@@ -102,7 +102,12 @@ class TrainBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {key: value.numpy() for key, value in next(self._iterator).items()}
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise ValueError("the training split yields no examples: its corpus is empty or "
+                             "every document is filtered out; check the task's source") from None
+        return {key: value.numpy() for key, value in batch.items()}
 
     def _checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(iterator=self._iterator)
@@ -117,7 +122,13 @@ class TrainBatches:
         with tempfile.TemporaryDirectory() as directory:
             for name, data in state.items():
                 pathlib.Path(directory, name).write_bytes(data)
-            self._checkpoint().read(os.path.join(directory, "iterator")).assert_consumed()
+            try:
+                self._checkpoint().read(os.path.join(directory, "iterator")).assert_consumed()
+            except (tf.errors.OpError, AssertionError, ValueError) as error:
+                raise ValueError(
+                    "the input position saved in the checkpoint does not fit this pipeline "
+                    f"({type(error).__name__}): resume with the task, lengths and batch size "
+                    "that saved it, or use another MODEL_DIR") from None
 
 
 def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],

@@ -154,7 +154,15 @@ def sentencepiece_vocabulary(model_path: str | None = None, vocab_size: int = 80
             raise FileNotFoundError(
                 f"SentencePiece model {model_path} does not exist: pass an existing .model file "
                 "or leave model_path unset to train one on the embedded corpus")
-        return seqio.SentencePieceVocabulary(model_path, extra_ids=extra_ids)
+        vocabulary = seqio.SentencePieceVocabulary(model_path, extra_ids=extra_ids)
+        try:
+            vocabulary.load_model()
+        except Exception as error:  # protobuf's DecodeError, SentencePiece's RuntimeError.
+            raise ValueError(f"SentencePiece model {model_path} is corrupt or not a "
+                             f"SentencePiece model ({type(error).__name__}): pass a .model file "
+                             "written by spm_train, or leave model_path unset to train one on "
+                             "the embedded corpus") from None
+        return vocabulary
     if vocab_size < MIN_TRAINED_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_TRAINED_VOCAB_SIZE} to hold pad/eos/unk, "
                          f"256 byte pieces and the corpus characters, got {vocab_size}")
