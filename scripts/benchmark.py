@@ -1,6 +1,8 @@
 """Benchmarks of the train step and the input pipeline, measured on this machine in this run.
 
-  python scripts/benchmark.py train --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py train --preset t5_1_1_small --batch 8 --inputs 512 --targets 114 \\
+      [--compare-hf]
+  python scripts/benchmark.py --quick     # seconds: the train figures of a tiny model
   python scripts/benchmark.py input --tasks stdlib_span_corruption --cores 1 \\
       --train-preset t5_1_1_small --batch 8 --inputs 512 --targets 114
   python scripts/benchmark.py remat --preset t5_1_1_small --scan
@@ -18,6 +20,13 @@ Figures (each measured in the run that prints it; add --json for one JSON object
          tokens_per_second    batch * (inputs + targets) / step_seconds: token slots per second
          examples_per_second  batch / step_seconds: packed rows consumed per second
          compile_seconds      wall-clock seconds of the first call (compilation plus one step)
+         model_flops_per_step matmul FLOPs of one step (forward + backward; formula in
+                              model_flops_per_step)
+         peak_flops           FLOP/s of a --peak-size square matmul in --dtype, measured in
+                              the same run on the same devices
+         mfu                  model_flops_per_step / step_seconds / peak_flops
+         ratio_to_transformers   with --compare-hf: transformers' step_seconds / ours (both
+                              AdamW, float32, no dropout, same shapes, timed A B A B ...)
   input  examples_per_second  packed rows per second from data.pipeline.get_batches on --cores
                               CPU cores: examples / seconds over the timed window, after
                               --warmup batches (start-up and shuffle-buffer fill) are excluded
@@ -72,6 +81,10 @@ from t5x_lite import launch  # noqa: E402  (gin, absl and jax; no TensorFlow yet
 
 REQUIRED_INPUT_RATIO = 5.0  # The input pipeline must outpace the train step this many times.
 MAX_SAVE_SLOWDOWN = 0.2  # A step that starts an asynchronous save may take 20% longer.
+PEAK_MATMUL_SIZE = 4096  # 137 GFLOP per matmul: long enough to reach the peak on CPUs.
+QUICK_ARGS = ["train", "--preset", "t5_1_1_tiny", "--batch", "2", "--inputs", "64",
+              "--targets", "16", "--steps", "2", "--warmup", "1", "--peak-size", "1024",
+              "--json"]
 DEFAULT_TASKS = "stdlib_span_corruption,stdlib_ul2,stdlib_prefix_lm,stdlib_bart"
 PRESET_DIR = os.path.join(launch.GIN_DIR, "models")
 TRAIN_STEPS, TRAIN_WARMUP_STEPS = 10, 2  # Defaults: timed and untimed steps after compiling.
@@ -152,7 +165,10 @@ def model_config_of(preset: str, **overrides):
     from t5x_lite import models
 
     check_preset(preset)
-    launch.parse_gin([os.path.join(PRESET_DIR, f"{preset}.gin")], [])
+    # The preset alone, without launch.parse_gin's imports of the data pipeline: the train
+    # step's benchmark then runs where TensorFlow and seqio are not installed (GPU hosts).
+    gin.clear_config()
+    gin.parse_config_file(os.path.join(PRESET_DIR, f"{preset}.gin"))
     try:
         config = gin.get_configurable(models.T5Config)()
     finally:
@@ -178,25 +194,28 @@ def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) 
     return arrays
 
 
-def train_setup(preset: str, batch: int, inputs: int, targets: int, **overrides):
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+def train_setup(preset: str, batch: int, inputs: int, targets: int,
+                optimizer: str = "adafactor", **overrides):
     """(trainer, initial state, compiled train step, device-resident packed-shaped batch)
     for the preset, trained as gin/runs/pretrain.gin trains it: Adafactor with T5's rsqrt
-    schedule (the rate's value does not change the step's cost), data parallel over all
-    devices."""
+    schedule (the rate's value does not change the step's cost), or AdamW (as
+    transformers is trained with --compare-hf), data parallel over all devices."""
     import jax
     from t5x_lite import optimizers
     from t5x_lite import partitioning
-    from t5x_lite import train
-    from t5x_lite.data import pipeline
+    from t5x_lite import trainer as trainer_lib
 
     if batch % jax.device_count():
         raise launch.UsageError(f"--batch {batch} must divide evenly over the "
                                 f"{jax.device_count()} devices: pass a multiple of it")
     config = model_config_of(preset, **overrides)
-    trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
+    transform = optimizers.adamw if optimizer == "adamw" else optimizers.adafactor
+    trainer = trainer_lib.build_trainer(config, optimizers.rsqrt_schedule(), transform,
                                   partitioning.MeshConfig(), seed=0)
     arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size)
-    assert set(arrays) == set(pipeline.BATCH_KEYS)
     device_batch = partitioning.global_batch(arrays, trainer.mesh)
     return trainer, trainer.init_state(seed=0), trainer.compile_train_step(), device_batch
 
@@ -215,20 +234,123 @@ def timed_step(train_step: Callable, state, device_batch, after: Callable | None
 
 
 def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int,
-                  warmup: int, **overrides) -> dict:
-    _, state, train_step, device_batch = train_setup(preset, batch, inputs, targets,
-                                                     **overrides)
-    seconds = []
+                  warmup: int, optimizer: str = "adafactor", compare_hf: bool = False,
+                  peak_size: int = 0, dtype: str = "float32", **overrides) -> list[dict]:
+    """One row per implementation: the median of `steps` train steps after compiling and
+    `warmup` steps. With `compare_hf` transformers' T5 trains on the same shapes (AdamW,
+    float32, no dropout) in turn with ours (A B A B ...). With `peak_size` > 0 the rows also
+    give model FLOPs, the measured matmul peak and MFU."""
+    import jax.numpy as jnp
+
+    _, state, train_step, device_batch = train_setup(
+        preset, batch, inputs, targets, optimizer, activation_dtype=jnp.dtype(dtype),
+        **overrides)
+
+    def ours() -> float:
+        nonlocal state
+        state, seconds = timed_step(train_step, state, device_batch)
+        return seconds
+
+    runs = {"t5x_lite": ours}
+    config = model_config_of(preset, activation_dtype=jnp.dtype(dtype), **overrides)
+    if compare_hf:
+        runs["transformers"] = hf_train_timer(
+            config, packed_shaped_batch(batch, inputs, targets, config.vocab_size))
+    seconds = {who: [] for who in runs}
     for _ in range(1 + warmup + steps):  # Compilation, warm-up, then timed steps.
-        state, step_seconds = timed_step(train_step, state, device_batch)
-        seconds.append(step_seconds)
-    step_seconds = statistics.median(seconds[1 + warmup:])
-    return {"what": "train", "preset": preset, "device": device_name(), "batch": batch,
+        for who, run in runs.items():
+            seconds[who].append(run())
+    rows = [train_row(preset, who, batch, inputs, targets, steps, seconds[who], optimizer,
+                      {"dtype": dtype, **overrides}) for who in runs]
+    if peak_size:
+        flops, peak = model_flops_per_step(config, batch, inputs, targets), measure_peak_flops(
+            config.activation_dtype, peak_size)
+        for row in rows:
+            row.update(model_flops_per_step=flops, peak_flops=peak,
+                       mfu=flops / row["step_seconds"] / peak)
+    if compare_hf:
+        rows[0]["ratio_to_transformers"] = rows[1]["step_seconds"] / rows[0]["step_seconds"]
+    return rows
+
+
+def train_row(preset: str, who: str, batch: int, inputs: int, targets: int, steps: int,
+              seconds: list[float], optimizer: str, overrides: dict) -> dict:
+    step_seconds = statistics.median(seconds[-steps:])
+    return {"what": "train", "preset": preset, "implementation": who, "device": device_name(),
+            "optimizer": "adamw" if who == "transformers" else optimizer, "batch": batch,
             "inputs": inputs, "targets": targets, "steps": steps,
             "step_seconds": step_seconds,
             "tokens_per_second": batch * (inputs + targets) / step_seconds,
             "examples_per_second": batch / step_seconds, "compile_seconds": seconds[0],
             **overrides}
+
+
+def model_flops_per_step(config, batch: int, inputs: int, targets: int) -> float:
+    """FLOPs of one train step's matrix multiplications, the MFU convention: 2 per
+    multiply-add, the backward pass twice the forward (so 3x the forward), rematerialised
+    recomputation not counted. With D = d_model, A = num_heads * head_dim, F = d_ff, G = 3
+    for a gated MLP (2 otherwise), L = inputs, T = targets and V = vocab_size, the forward
+    pass costs
+      per encoder layer, per encoder token:   2 (4 D A + G D F) + 4 L A
+      per decoder layer, per decoder token:   2 (6 D A + G D F) + 4 T A + 4 L A
+                         per encoder token:   4 D A  (the cross-attention keys and values)
+      output projection, per decoder token:   2 D V
+    Attention counts the whole L x L and T x T products: packing and causal masks skip no
+    work. Dense models only (an MoE layer's cost depends on its routing)."""
+    if config.moe is not None:
+        raise launch.UsageError("model FLOPs are defined for dense models: use the moe "
+                                "subcommand for MoE presets")
+    d, a, f = config.d_model, config.num_heads * config.head_dim, config.d_ff
+    gated = 3 if config.gated_mlp else 2
+    encoder_token = config.num_encoder_layers * (2 * (4 * d * a + gated * d * f)
+                                                 + 4 * inputs * a)
+    decoder_token = (config.num_decoder_layers * (2 * (6 * d * a + gated * d * f)
+                                                  + 4 * targets * a + 4 * inputs * a)
+                     + 2 * d * config.vocab_size)
+    cross_keys_values = config.num_decoder_layers * 4 * d * a
+    forward = batch * (inputs * (encoder_token + cross_keys_values) + targets * decoder_token)
+    return 3.0 * forward
+
+
+def measure_peak_flops(dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of a jitted `size` x `size` by `size` x `size` matmul in `dtype` on the
+    devices (the median of `repeats` calls after a compiling one), times the device count:
+    the rate MFU divides by."""
+    import jax
+    import jax.numpy as jnp
+
+    matrices = [jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2)]
+    matmul = jax.jit(jnp.matmul)
+    seconds = [timed(lambda: jax.block_until_ready(matmul(*matrices)))
+               for _ in range(1 + repeats)]
+    return 2 * size**3 / statistics.median(seconds[1:]) * jax.device_count()
+
+
+def hf_train_timer(config, arrays: dict) -> Callable[[], float]:
+    """A function running one transformers T5ForConditionalGeneration train step (forward,
+    backward, torch AdamW; float32, no dropout) on the batch's tokens; returns its seconds."""
+    import dataclasses as dc
+    import torch
+    import transformers
+    from t5x_lite import hf
+
+    hf_config = hf.config_to_hf(dc.replace(config, dropout_rate=0.0))
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_config)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8,
+                                  weight_decay=0.01)
+    tokens = {name: torch.from_numpy(arrays[key]).long() for name, key in (
+        ("input_ids", "encoder_input_tokens"), ("decoder_input_ids", "decoder_input_tokens"),
+        ("labels", "decoder_target_tokens"))}
+
+    def step() -> float:
+        start = time.perf_counter()
+        model(**tokens).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # As optimizers.adamw does.
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
 
 
 def device_name() -> str:
@@ -238,15 +360,23 @@ def device_name() -> str:
 
 def run_train(args: argparse.Namespace) -> list[dict]:
     check_preset(args.preset)
-    return [measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
-                          args.warmup)]
+    optimizer = args.optimizer or ("adamw" if args.compare_hf else "adafactor")
+    if args.compare_hf:
+        check_transformers()
+        if args.dtype != "float32" or optimizer != "adamw":
+            raise launch.UsageError("--compare-hf trains both in float32 with AdamW: drop "
+                                    "--dtype and --optimizer")
+    overrides = {"attention": args.attention} if args.attention != "einsum" else {}
+    return measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
+                         args.warmup, optimizer, args.compare_hf, args.peak_size, args.dtype,
+                         **overrides)
 
 
 def run_remat(args: argparse.Namespace) -> list[dict]:
     """The train step under each remat policy (layers scanned or not), as ratios to none."""
     check_preset(args.preset)
     rows = [measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
-                          args.warmup, remat_policy=policy, scan_layers=args.scan)
+                          args.warmup, remat_policy=policy, scan_layers=args.scan)[0]
             for policy in ("none", "minimal", "full")]
     for row in rows:
         row["time_ratio_to_none"] = row["step_seconds"] / rows[0]["step_seconds"]
@@ -286,8 +416,8 @@ def run_moe(args: argparse.Namespace) -> list[dict]:
         config, overrides = model_config_of(preset), {}
         if config.moe and args.group_size:
             overrides["moe"] = dataclasses.replace(config.moe, group_size=args.group_size)
-        row = measure_train(preset, args.batch, args.inputs, args.targets, args.steps,
-                            args.warmup, **overrides)
+        (row,) = measure_train(preset, args.batch, args.inputs, args.targets, args.steps,
+                               args.warmup, **overrides)
         row.pop("moe", None)
         row["what"] = "moe"
         row["group_size"] = (overrides.get("moe") or config.moe).group_size if config.moe else ""
@@ -417,7 +547,7 @@ def run_state(args: argparse.Namespace) -> list[dict]:
     import jax
     from t5x_lite import optimizers
     from t5x_lite import partitioning
-    from t5x_lite import train
+    from t5x_lite import trainer as trainer_lib
 
     check_preset(args.preset)
     config, rows = model_config_of(args.preset), []
@@ -427,8 +557,8 @@ def run_state(args: argparse.Namespace) -> list[dict]:
             mesh_config = gin.get_configurable(partitioning.MeshConfig)()
         finally:
             gin.clear_config()
-        trainer = train.build_trainer(config, optimizers.rsqrt_schedule(), optimizers.adafactor,
-                                      mesh_config, seed=0)
+        trainer = trainer_lib.build_trainer(config, optimizers.rsqrt_schedule(),
+                                            optimizers.adafactor, mesh_config, seed=0)
         state = trainer.sharded_abstract_state()
         parameters = partitioning.per_device_bytes(state.params)
         optimizer = partitioning.per_device_bytes(state.opt_state)
@@ -578,8 +708,8 @@ def run_input(args: argparse.Namespace) -> list[dict]:
     check_tasks(names)
     rows = [measure_input(name, args, cpus) for name in names]
     if args.train_preset:
-        train_row = measure_train(args.train_preset, args.batch, args.inputs, args.targets,
-                                  args.train_steps, TRAIN_WARMUP_STEPS)
+        (train_row,) = measure_train(args.train_preset, args.batch, args.inputs, args.targets,
+                                     args.train_steps, TRAIN_WARMUP_STEPS)
         for row in rows:
             row["ratio_to_train"] = row["examples_per_second"] / train_row["examples_per_second"]
             row["at_least_5x"] = row["ratio_to_train"] >= REQUIRED_INPUT_RATIO
@@ -606,7 +736,9 @@ def build_parser() -> ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(launch.VERBOSE_FLAG, action="store_true", help=launch.VERBOSE_HELP)
     # A subcommand is a parser here plus run=fn(args) -> rows, one dict per measurement.
-    commands = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check of the harness in seconds: " + " ".join(QUICK_ARGS))
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     train_parser = commands.add_parser("train", help="median train-step time and throughput")
     train_parser.add_argument("--preset", required=True,
                               help="a model in gin/models/, e.g. t5_1_1_small")
@@ -615,6 +747,20 @@ def build_parser() -> ArgumentParser:
                               help="timed steps")
     train_parser.add_argument("--warmup", type=int_at_least(0), default=TRAIN_WARMUP_STEPS,
                               help="untimed steps after compilation")
+    train_parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                              help="default adafactor (adamw with --compare-hf)")
+    train_parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                              help="activation dtype (parameters stay float32); the peak "
+                              "matmul is measured in it too")
+    train_parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"),
+                              default="einsum", help="T5Config.attention: spelt-out einsums, "
+                              "or jax.nn.dot_product_attention's XLA or cuDNN implementation")
+    train_parser.add_argument("--compare-hf", action="store_true",
+                              help="also train transformers' T5 on the same shapes (AdamW, "
+                              "float32), timed in turn with ours")
+    train_parser.add_argument("--peak-size", type=int_at_least(0), default=PEAK_MATMUL_SIZE,
+                              help="N of the N x N matmul that measures the peak FLOP/s for "
+                              "MFU (0: no FLOPs, peak or MFU)")
     train_parser.set_defaults(run=run_train)
 
     remat_parser = commands.add_parser("remat", help="train step time per remat policy")
@@ -686,7 +832,13 @@ def main(argv: list[str] | None = None) -> None:
     """Bad input ends with one `error:` line and status 2; --verbose shows the traceback."""
     launch.quiet_library_logs()
     with launch.bad_input_exits(argv) as argv:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.quick:
+            args = parser.parse_args(QUICK_ARGS)
+        elif args.command is None:
+            raise launch.UsageError("no subcommand: pass one of train, remat, moe, decode, "
+                                    "state, checkpoint, input (or --quick)")
         rows = args.run(args)
     print_rows(rows, args.json)
 

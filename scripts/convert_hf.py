@@ -57,8 +57,9 @@ def to_hf(args: argparse.Namespace) -> None:
     hf.config_to_hf(model.config)  # an unexportable model fails before the restore
     step, params = restored_params(model, args.model_dir)
     hf.save_t5(model, params, args.out)
-    print(f"Wrote the step-{step} parameters of {args.model_dir} ({models.count_parameters(params):,} "
-          f"parameters) to {args.out} as a transformers T5ForConditionalGeneration.")
+    count = models.count_parameters(params)
+    print(f"Wrote the step-{step} parameters of {args.model_dir} ({count:,} parameters) to "
+          f"{args.out} as a transformers T5ForConditionalGeneration.")
 
 
 def gin_of(config: models.T5Config) -> str:

@@ -164,14 +164,15 @@ def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
 
 class LogPeriod:
     """The per-step metrics since the last log line and the wall-clock time they took (less
-    pauses for evaluation and checkpoints); the first step after a start, which compiles,
-    counts in the averages but not in throughput."""
+    pauses for evaluation and checkpoints), of which `data_wait` seconds went to waiting for
+    the input pipeline; the first step after a start, which compiles, counts in the
+    averages but not in throughput."""
 
     def __init__(self, start_step: int, tokens_per_step: int):
         self.start_step, self.tokens_per_step = start_step, tokens_per_step
         self.rows: list = []
         self.period_start = self.timed_from = time.perf_counter()
-        self.paused, self.timed_steps = 0.0, 0
+        self.paused, self.data_wait, self.timed_steps = 0.0, 0.0, 0
 
     def add(self, step: int, metrics: dict) -> None:
         """Records a step's metrics (device arrays; the first step waits for them)."""
@@ -179,6 +180,7 @@ class LogPeriod:
         if step == self.start_step + 1:
             jax.block_until_ready(metrics)
             self.period_start = self.timed_from = time.perf_counter()
+            self.data_wait = 0.0
         else:
             self.timed_steps += 1
 
@@ -191,8 +193,10 @@ class LogPeriod:
         """(averaged metrics with tokens_per_second, seconds left) and a new period."""
         row, now = average_metrics(self.fetch()), time.perf_counter()
         if self.timed_steps:
-            row["tokens_per_second"] = (self.tokens_per_step * self.timed_steps
-                                        / (now - self.period_start - self.paused))
+            seconds = now - self.period_start - self.paused
+            row["tokens_per_second"] = self.tokens_per_step * self.timed_steps / seconds
+            row["data_wait_fraction"] = self.data_wait / seconds
         seconds_per_step = (now - self.timed_from) / max(step - self.start_step - 1, 1)
-        self.rows, self.period_start, self.paused, self.timed_steps = [], now, 0.0, 0
+        self.rows, self.period_start, self.timed_steps = [], now, 0
+        self.paused = self.data_wait = 0.0
         return row, seconds_per_step * (total_steps - step)

@@ -48,6 +48,8 @@ class T5Config:
     # (compiles one layer instead of all of them; the parameter tree changes shape).
     remat_policy: str = "none"
     scan_layers: bool = False
+    # How training and evaluation attend: "einsum", "xla" or "cudnn" (layers.py).
+    attention: str = "einsum"
     # Sparse Mixture-of-Experts MLPs in every moe.sparse_every-th layer; None: a dense model.
     moe: moe_lib.MoeConfig | None = None
 
@@ -69,6 +71,12 @@ class T5Config:
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy must be one of "
                              f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"T5Config.attention must be one of "
+                             f"{layers.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+        if self.attention != "einsum" and self.dropout_rate > 0:
+            raise ValueError(f"T5Config.attention = {self.attention!r} has no dropout on the "
+                             "attention weights: use 'einsum' with dropout_rate > 0")
         if self.moe is not None and self.scan_layers:
             raise ValueError("T5Config.scan_layers needs identical layers, but moe makes some "
                              "sparse: set T5Config.scan_layers = False for MoE models")
@@ -78,7 +86,7 @@ class T5Config:
             d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
             d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
             dropout_rate=self.dropout_rate, dtype=self.activation_dtype,
-            layer_norm_epsilon=self.layer_norm_epsilon)
+            layer_norm_epsilon=self.layer_norm_epsilon, attention=self.attention)
 
 
 class Transformer(nn.Module):
@@ -138,10 +146,17 @@ class Transformer(nn.Module):
         return {"mlp_block": functools.partial(moe_lib.SparseMlp, moe=config, causal=causal),
                 "extra_dense_mlp": config.extra_dense_mlp}
 
+    def _embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, D] in the activation dtype, looked up in float32: the
+        backward pass of a lookup is a scatter-add, which GPUs do natively in float32 but
+        emulate, very slowly, in bfloat16."""
+        table_VD = self.token_embedder.embedding
+        return jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.activation_dtype)
+
     def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array,
                deterministic: bool = True) -> jax.Array:
         """Returns the encoded inputs [B, L, D]."""
-        x_BLD = self.dropout(self.token_embedder(encoder_input_tokens), deterministic)
+        x_BLD = self.dropout(self._embed(encoder_input_tokens), deterministic)
         length = encoder_input_tokens.shape[1]
         bias_BHLL = (self.encoder_relative_bias(length, length)
                      + layers.mask_to_bias(layers.attention_mask(
@@ -173,7 +188,7 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         dtype = cfg.activation_dtype
-        y_BTD = self.dropout(self.token_embedder(decoder_input_tokens), deterministic)
+        y_BTD = self.dropout(self._embed(decoder_input_tokens), deterministic)
         length = decoder_input_tokens.shape[1]
         if decode_position is None:
             self_bias_BHTT = (self.decoder_relative_bias(length, length)

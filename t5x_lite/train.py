@@ -168,26 +168,6 @@ def zero_batch(task_feature_lengths: dict, batch_size: int) -> dict[str, np.ndar
             for key in pipeline.BATCH_KEYS}
 
 
-def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
-                  optimizer: Callable[..., optax.GradientTransformation],
-                  mesh_config: partitioning.MeshConfig, seed: int,
-                  num_microbatches: int = 1, max_consecutive_skips: int | None = None
-                  ) -> trainer_lib.Trainer:
-    """With `max_consecutive_skips` (nan_policy "skip") the optimizer leaves the parameters
-    unchanged on a step whose gradients are not finite (optax.apply_if_finite)."""
-    mesh = partitioning.create_mesh(mesh_config)
-    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
-    if not callable(learning_rate):
-        learning_rate = optax.constant_schedule(learning_rate)
-    transform = optimizer(learning_rate=learning_rate)
-    if max_consecutive_skips is not None:
-        transform = optax.apply_if_finite(transform, max_consecutive_skips)
-    return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
-                               transform, learning_rate, mesh,
-                               dropout_seed=seed, rules=mesh_config.rules,
-                               num_microbatches=num_microbatches)
-
-
 def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
                         num_microbatches: int) -> None:
     """The global batch must split evenly over the batch's devices and the microbatches."""
@@ -351,9 +331,9 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
                          "not both")
     check_batch_divides(data, mesh_config, num_microbatches)
     check_upcycling(model_config, upcycle_from)
-    trainer = build_trainer(model_config, learning_rate, optimizer, mesh_config, loop.seed,
-                            num_microbatches, loop.max_consecutive_skips
-                            if loop.nan_policy == "skip" else None)
+    trainer = trainer_lib.build_trainer(
+        model_config, learning_rate, optimizer, mesh_config, loop.seed, num_microbatches,
+        loop.max_consecutive_skips if loop.nan_policy == "skip" else None)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
     if not data.has_split("validation"):
@@ -446,7 +426,10 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     with faults.StopRequest() as stop:
         while step < loop.train_steps:
             step += 1
-            state, metrics = train_step(state, partitioning.global_batch(next(batches),
+            wait_start = time.perf_counter()
+            local_batch = next(batches)
+            period.data_wait += time.perf_counter() - wait_start
+            state, metrics = train_step(state, partitioning.global_batch(local_batch,
                                                                          trainer.mesh))
             period.add(step, metrics)
             progress.advance()

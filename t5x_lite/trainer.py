@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_lite import models
+from t5x_lite import moe
 from t5x_lite import partitioning
 
 
@@ -151,6 +152,26 @@ class Trainer:
 
     def _wrap(self, compiled: Callable) -> Callable:
         return in_mesh(compiled, self.mesh, self.rules)
+
+
+def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
+                  optimizer: Callable[..., optax.GradientTransformation],
+                  mesh_config: partitioning.MeshConfig, seed: int,
+                  num_microbatches: int = 1, max_consecutive_skips: int | None = None
+                  ) -> Trainer:
+    """With `max_consecutive_skips` (nan_policy "skip") the optimizer leaves the parameters
+    unchanged on a step whose gradients are not finite (optax.apply_if_finite)."""
+    mesh = partitioning.create_mesh(mesh_config)
+    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
+    if not callable(learning_rate):
+        learning_rate = optax.constant_schedule(learning_rate)
+    transform = optimizer(learning_rate=learning_rate)
+    if max_consecutive_skips is not None:
+        transform = optax.apply_if_finite(transform, max_consecutive_skips)
+    return Trainer(models.EncoderDecoderModel(model_config),
+                               transform, learning_rate, mesh,
+                               dropout_seed=seed, rules=mesh_config.rules,
+                               num_microbatches=num_microbatches)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -22,17 +23,55 @@ def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_train_figures_follow_from_the_median_step():
-    (row,) = json_rows(run_benchmark("train", "--preset", "t5_1_1_tiny", "--batch", "2",
-                                     "--inputs", "16", "--targets", "8", "--steps", "3",
-                                     "--warmup", "1", "--json"))
-    assert {key: row[key] for key in ("what", "preset", "batch", "inputs", "targets", "steps")
-            } == {"what": "train", "preset": "t5_1_1_tiny", "batch": 2, "inputs": 16,
-                  "targets": 8, "steps": 3}
-    assert 0 < row["step_seconds"] < row["compile_seconds"]
-    np.testing.assert_allclose(row["tokens_per_second"], 2 * (16 + 8) / row["step_seconds"],
+QUICK_FIELDS = ("step_seconds", "tokens_per_second", "examples_per_second", "compile_seconds",
+                "model_flops_per_step", "peak_flops", "mfu", "batch", "inputs", "targets",
+                "steps")
+
+
+def test_quick_run_gives_every_train_figure_and_they_follow_from_the_median_step():
+    (row,) = json_rows(run_benchmark("--quick"))
+    assert {key: row[key] for key in ("what", "preset", "implementation", "optimizer",
+                                      "dtype", "batch", "inputs", "targets", "steps")} == {
+        "what": "train", "preset": "t5_1_1_tiny", "implementation": "t5x_lite",
+        "optimizer": "adafactor", "dtype": "float32", "batch": 2, "inputs": 64,
+        "targets": 16, "steps": 2}
+    assert all(row[key] > 0 for key in QUICK_FIELDS), row
+    assert row["step_seconds"] < row["compile_seconds"]
+    np.testing.assert_allclose(row["tokens_per_second"], 2 * (64 + 16) / row["step_seconds"],
                                rtol=1e-6)
     np.testing.assert_allclose(row["examples_per_second"], 2 / row["step_seconds"], rtol=1e-6)
+    np.testing.assert_allclose(row["mfu"], row["model_flops_per_step"] / row["step_seconds"]
+                               / row["peak_flops"], rtol=1e-6)
+
+
+def test_model_flops_formula_is_within_10_percent_of_xla_cost_analysis():
+    """XLA also counts the elementwise work (softmax, norms, the optimizer update), a few
+    percent of the step at these shapes; the formula counts the matmuls."""
+    import jax
+    import benchmark
+
+    trainer, state, _, batch = benchmark.train_setup("t5_1_1_tiny", 8, 512, 114)
+    cost = jax.jit(trainer._train_step).lower(state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    formula = benchmark.model_flops_per_step(benchmark.model_config_of("t5_1_1_tiny"), 8, 512,
+                                             114)
+    assert formula == 3 * 8 * (512 * (2 * (2 * (4 * 128 * 128 + 3 * 128 * 512) + 4 * 512 * 128)
+                                      + 2 * 4 * 128 * 128)
+                               + 114 * (2 * (2 * (6 * 128 * 128 + 3 * 128 * 512)
+                                             + 4 * 114 * 128 + 4 * 512 * 128)
+                                        + 2 * 128 * 32128))
+    assert abs(cost["flops"] / formula - 1) < 0.10, (cost["flops"], formula)
+
+
+def test_compare_hf_trains_both_and_gives_the_ratio():
+    rows = json_rows(run_benchmark("train", "--preset", "t5_1_1_tiny", "--batch", "2",
+                                   "--inputs", "16", "--targets", "8", "--steps", "2",
+                                   "--warmup", "0", "--peak-size", "0", "--compare-hf",
+                                   "--json"))
+    assert [row["implementation"] for row in rows] == ["t5x_lite", "transformers"]
+    assert all(row["optimizer"] == "adamw" and row["dtype"] == "float32" for row in rows)
+    np.testing.assert_allclose(rows[0]["ratio_to_transformers"],
+                               rows[1]["step_seconds"] / rows[0]["step_seconds"], rtol=1e-9)
 
 
 def test_input_rate_is_rows_over_seconds_on_one_core():
@@ -56,6 +95,7 @@ def test_input_rate_is_rows_over_seconds_on_one_core():
     (["train", "--preset", "t5_1_1_tiny", "--batch", "0"], "--batch"),
     (["moe", "--preset", "t5_1_1_tiny"], "switch_tiny"),
     (["no_such_command"], "train"),
+    ([], "no subcommand"),
 ])
 def test_bad_input_is_one_error_line(args, expected):
     result = run_benchmark(*args)
