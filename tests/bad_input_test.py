@@ -1,8 +1,11 @@
 """Bad input at every entry point: one `error:` line naming the problem and the fix, exit
-status 2, MODEL_DIR left exactly as it was, and then a correct run in the same MODEL_DIR
-succeeds. The entry points run in-process (their `main` with an argv) to keep this quick; the
-last tests run one command as a real process to check that no traceback is printed without
---verbose."""
+status 2, and MODEL_DIR left byte for byte as it was, so that the correct command resumes
+there exactly as it does in an untouched copy (test_correct_run_resumes_in_a_copy). Where
+the bad input changes MODEL_DIR or needs the user to act (a full disk, a damaged checkpoint,
+an unwritable directory, another model's checkpoints) the test runs the correct command
+afterwards itself. The entry points run in-process (their `main` with an argv) to keep this
+quick; the last tests run commands as real processes to check that no traceback is printed
+without --verbose."""
 import errno
 import hashlib
 import os
@@ -94,13 +97,16 @@ def assert_correct_run_resumes(model_dir, capsys, from_step: int = FIRST_STEPS) 
 
 
 def check_train_refuses(capsys, model_dir, *extra: str) -> str:
-    """The bad training command's error line, after checking that it left MODEL_DIR as it
-    was and that the correct command then resumes there."""
+    """The bad training command's error line, after checking that it left every file of
+    MODEL_DIR as it was."""
     before = snapshot(model_dir)
     line = error_line(capsys, "train", *flags(model_dir, steps=FIRST_STEPS + 1), *extra)
     assert snapshot(model_dir) == before
-    assert_correct_run_resumes(model_dir, capsys)
     return line
+
+
+def test_correct_run_resumes_in_a_copy(model_dir, capsys):
+    assert_correct_run_resumes(model_dir, capsys)
 
 
 def test_unknown_task_names_the_closest(model_dir, capsys):
@@ -126,7 +132,6 @@ def test_missing_required_binding(model_dir, capsys):
                                          if "MIXTURE_OR_TASK_NAME" not in flag])
     assert "MIXTURE_OR_TASK_NAME" in line and "REQUIRED" in line
     assert snapshot(model_dir) == before
-    assert_correct_run_resumes(model_dir, capsys)
 
 
 def test_lengths_too_short_for_the_objective(model_dir, capsys):
@@ -197,6 +202,7 @@ def test_model_dir_of_another_model_shape(model_dir, capsys):
     line = check_train_refuses(capsys, model_dir, "--gin.models.T5Config.d_model=64")
     assert line.startswith(f"error: {model_dir} holds checkpoints of another model: parameter ")
     assert " there and 64" in line and "use that run's model settings (its config.gin)" in line
+    assert_correct_run_resumes(model_dir, capsys)  # config.gin was not overwritten either.
 
 
 def damage(model_dir, step: int) -> None:

@@ -18,6 +18,16 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
+def rows_in_process(capsys, *args: str) -> list[dict]:
+    """The --json rows of benchmark.main(args), run in this process: no interpreter, JAX and
+    TensorFlow start-up per test (the subprocess tests keep the command line covered)."""
+    import benchmark
+
+    capsys.readouterr()
+    benchmark.main([*args, "--json"])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
 def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -63,11 +73,10 @@ def test_model_flops_formula_is_within_10_percent_of_xla_cost_analysis():
     assert abs(cost["flops"] / formula - 1) < 0.10, (cost["flops"], formula)
 
 
-def test_compare_hf_trains_both_and_gives_the_ratio():
-    rows = json_rows(run_benchmark("train", "--preset", "t5_1_1_tiny", "--batch", "2",
-                                   "--inputs", "16", "--targets", "8", "--steps", "2",
-                                   "--warmup", "0", "--peak-size", "0", "--compare-hf",
-                                   "--json"))
+def test_compare_hf_trains_both_and_gives_the_ratio(capsys):
+    rows = rows_in_process(capsys, "train", "--preset", "t5_1_1_tiny", "--batch", "2",
+                           "--inputs", "16", "--targets", "8", "--steps", "2", "--warmup", "0",
+                           "--peak-size", "0", "--compare-hf")
     assert [row["implementation"] for row in rows] == ["t5x_lite", "transformers"]
     assert all(row["optimizer"] == "adamw" and row["dtype"] == "float32" for row in rows)
     np.testing.assert_allclose(rows[0]["ratio_to_transformers"],
@@ -123,10 +132,10 @@ def test_state_bytes_shrink_with_fsdp_on_eight_devices():
             row["total_mib"], (row["parameter_bytes"] + row["optimizer_bytes"]) / 2**20)
 
 
-def test_remat_rows_are_ratios_to_no_remat():
-    rows = json_rows(run_benchmark("remat", "--preset", "t5_1_1_tiny", "--batch", "2",
-                                   "--inputs", "16", "--targets", "8", "--steps", "2",
-                                   "--warmup", "1", "--scan", "--json"))
+def test_remat_rows_are_ratios_to_no_remat(capsys):
+    rows = rows_in_process(capsys, "remat", "--preset", "t5_1_1_tiny", "--batch", "2",
+                           "--inputs", "16", "--targets", "8", "--steps", "1", "--warmup", "0",
+                           "--scan")
     assert [row["remat_policy"] for row in rows] == ["none", "minimal", "full"]
     assert all(row["scan_layers"] for row in rows)
     for row in rows:
@@ -134,10 +143,9 @@ def test_remat_rows_are_ratios_to_no_remat():
                                    row["step_seconds"] / rows[0]["step_seconds"], rtol=1e-9)
 
 
-def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
-    rows = json_rows(run_benchmark("moe", "--preset", "switch_tiny", "--batch", "2",
-                                   "--inputs", "16", "--targets", "8", "--steps", "2",
-                                   "--warmup", "1", "--json"))
+def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart(capsys):
+    rows = rows_in_process(capsys, "moe", "--preset", "switch_tiny", "--batch", "2",
+                           "--inputs", "16", "--targets", "8", "--steps", "2", "--warmup", "1")
     assert [row["preset"] for row in rows] == ["t5_1_1_tiny", "switch_tiny"]
     dense, sparse = rows
     # Top-1 over 8 experts: a token passes through the dense model's weights plus the two
@@ -151,10 +159,10 @@ def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart():
                                    row["step_seconds"] / dense["step_seconds"], rtol=1e-9)
 
 
-def test_decode_rows_are_tokens_over_seconds():
-    rows = json_rows(run_benchmark("decode", "--preset", "t5_1_1_tiny", "--batch", "2",
-                                   "--inputs", "16", "--targets", "4", "--repeats", "1",
-                                   "--beam-size", "3", "--compare-hf", "--json"))
+def test_decode_rows_are_tokens_over_seconds(capsys):
+    rows = rows_in_process(capsys, "decode", "--preset", "t5_1_1_tiny", "--batch", "2",
+                           "--inputs", "16", "--targets", "4", "--repeats", "1",
+                           "--beam-size", "3", "--compare-hf")
     assert [(row["implementation"], row["method"], row.get("beam_size")) for row in rows] == [
         ("t5x_lite", "greedy", None), ("transformers", "greedy", None),
         ("t5x_lite", "beam", 3), ("transformers", "beam", 3)]
@@ -166,10 +174,11 @@ def test_decode_rows_are_tokens_over_seconds():
                                    ours["tokens_per_second"] / theirs["tokens_per_second"],
                                    rtol=1e-9)
 
-def test_checkpoint_rows_time_the_step_that_starts_a_save(tmp_path):
-    (row,) = json_rows(run_benchmark("checkpoint", "--preset", "t5_1_1_tiny", "--batch", "2",
-                                     "--inputs", "16", "--targets", "8", "--saves", "2",
-                                     "--steps-between", "2", "--dir", str(tmp_path), "--json"))
+
+def test_checkpoint_rows_time_the_step_that_starts_a_save(tmp_path, capsys):
+    (row,) = rows_in_process(capsys, "checkpoint", "--preset", "t5_1_1_tiny", "--batch", "2",
+                             "--inputs", "16", "--targets", "8", "--saves", "2",
+                             "--steps-between", "2", "--dir", str(tmp_path))
     assert row["what"] == "checkpoint" and row["saves"] == 2
     assert 0 < row["step_seconds"] and 0 < row["save_step_seconds"]
     np.testing.assert_allclose(row["save_step_slowdown"],
