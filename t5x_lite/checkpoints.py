@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5x_lite import optimizers
 from t5x_lite import trainer
 
 ITEMS = ("params", "opt_state", "data")
@@ -171,7 +172,7 @@ def check_same_model(manager: ocp.CheckpointManager, step: int, abstract_params)
 
 
 def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
-    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+    return {optimizers.parameter_path(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from t5x_lite import optimizers
 from t5x_lite import partitioning
 
 
@@ -121,7 +122,7 @@ def parameter_table(params: Any, logical_axes: Any = None) -> str:
     rows = []
     for (path, leaf), names in zip(leaves, logical):
         sharding = getattr(leaf, "sharding", None)
-        rows.append(("/".join(str(getattr(key, "key", key)) for key in path),
+        rows.append((optimizers.parameter_path(path),
                      "x".join(str(d) for d in leaf.shape), int(np.prod(leaf.shape)),
                      "" if names is None else _spec_text(names),
                      "" if sharding is None else _spec_text(sharding.spec)))
