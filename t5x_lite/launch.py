@@ -211,12 +211,17 @@ def bad_input_exits(argv: list[str] | None = None) -> Iterator[list[str]]:
     except BAD_INPUT_ERRORS as error:
         if verbose:
             raise
-        print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
-        if whole_program:
-            # The line is the whole answer: TensorStore reads abandoned by a failed restore
-            # would otherwise print tracebacks from a closed event loop while Python exits.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stderr.fileno())
+        line = f"error: {first_line(error)}\n"
+        if not whole_program:
+            sys.stderr.write(line)
+            sys.exit(2)
+        # The line is the whole answer: TensorStore reads abandoned by a failed restore print
+        # tracebacks from a closed event loop at any moment until Python exits, so stderr
+        # goes to /dev/null first and the line to the terminal's own descriptor.
+        sys.stderr.flush()
+        terminal = os.dup(sys.stderr.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        os.write(terminal, line.encode())
         sys.exit(2)
 
 
