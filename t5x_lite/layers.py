@@ -7,6 +7,7 @@ Dimension letters: B batch, L encoder length, T decoder length, S attended lengt
 D model, H heads, K head dim, F mlp, V vocab, R relative-position buckets.
 """
 import dataclasses
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -43,7 +44,8 @@ class LayerConfig:
 
 
 # How training and evaluation attend (decoding always uses the einsums): "einsum" spells
-# the attention out (float32 softmax; dropout on the weights); "xla" and "cudnn" call
+# the attention out (float32 softmax; softmax_attention's backward pass, or autodiff where
+# dropout applies to the weights); "xla" and "cudnn" call
 # jax.nn.dot_product_attention with that implementation (cuDNN's fused kernel on NVIDIA
 # GPUs; no dropout on the weights).
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
@@ -85,23 +87,66 @@ class RelativePositionBias(nn.Module):
     @nn.compact
     def __call__(self, query_length: int, key_length: int,
                  query_offset: jax.Array | int = 0) -> jax.Array:
-        """Returns the bias [1, H, T, S] for queries at positions query_offset + [0, T)."""
-        relative_position = (jnp.arange(key_length)[None, :]
-                             - (jnp.arange(query_length) + query_offset)[:, None])
-        buckets_TS = relative_position_bucket(relative_position, self.bidirectional,
-                                              self.num_buckets, self.max_distance)
+        """Returns the bias [1, H, T, S] for queries at positions query_offset + [0, T).
+
+        The bias depends only on key - query, one of N = T + S - 1 values: the N biases are
+        looked up, then laid out as a Toeplitz matrix by reshaping, which is exact and needs
+        neither a [T, S] gather (its backward pass scatter-adds T x S values into R rows,
+        serialised on colliding atomics on GPUs) nor a [T, S, R] one-hot (memory-bound on
+        CPUs).
+        """
         table_RH = self.param(
             "rel_embedding",
             partitioned(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                         ("relpos_buckets", "heads")),
             (self.num_buckets, self.num_heads), jnp.float32)
-        # A one-hot matmul, not a gather: the gather's backward pass scatter-adds T x S
-        # values into R rows, which serialises on colliding atomics on GPUs (T5X does the
-        # same for TPUs). Exact: each output sums one table entry and zeros.
-        one_hot_TSR = jax.nn.one_hot(buckets_TS, self.num_buckets, dtype=self.dtype)
-        bias_HTS = jnp.einsum("TSR,RH->HTS", one_hot_TSR, table_RH.astype(self.dtype),
-                              precision=jax.lax.Precision.HIGHEST)
-        return bias_HTS[None]
+        relative_position_N = jnp.arange(-(query_length - 1), key_length) - query_offset
+        buckets_N = relative_position_bucket(relative_position_N, self.bidirectional,
+                                             self.num_buckets, self.max_distance)
+        # A one-hot matmul over N rows, not a gather, for the same reason; exact.
+        one_hot_NR = jax.nn.one_hot(buckets_N, self.num_buckets, dtype=self.dtype)
+        bias_HN = jnp.einsum("NR,RH->HN", one_hot_NR, table_RH.astype(self.dtype),
+                             precision=jax.lax.Precision.HIGHEST)
+        return toeplitz(bias_HN, query_length, key_length)[None]
+
+
+def toeplitz(values_HN: jax.Array, rows: int, columns: int) -> jax.Array:
+    """[H, rows, columns] with entry [h, q, k] = values_HN[h, k - q + rows - 1], where
+    N = rows + columns - 1: each row is the previous one shifted right by one.
+
+    Tiling the values with one extra entry, period N + 1, and reading the tiling back N
+    entries a row starts row q at offset -q modulo N + 1, so a plain reshape and slice do it.
+    """
+    heads, length = values_HN.shape
+    if length != rows + columns - 1:
+        raise ValueError(f"toeplitz needs rows + columns - 1 = {rows + columns - 1} values, "
+                         f"got {length}")
+    period_HM = jnp.pad(values_HN, ((0, 0), (0, 1)))
+    tiled_HX = jnp.tile(period_HM, (1, rows))[:, :rows * length]
+    return tiled_HX.reshape(heads, rows, length)[:, :, rows - 1:rows - 1 + columns]
+
+
+@jax.custom_vjp
+def add_position_bias(position_bias_1HTS: jax.Array, mask_bias_B1TS: jax.Array) -> jax.Array:
+    """position_bias + mask_bias [B, H, T, S], with a backward pass that sums the position
+    bias's gradient over the batch as a matmul: XLA:CPU's reduction over a leading axis
+    runs about 50 times slower than this (43 ms against 0.9 ms for [8, 4, 512, 512])."""
+    return position_bias_1HTS + mask_bias_B1TS
+
+
+def _add_position_bias_forward(position_bias_1HTS, mask_bias_B1TS):
+    return add_position_bias(position_bias_1HTS, mask_bias_B1TS), mask_bias_B1TS.shape[0]
+
+
+def _add_position_bias_backward(batch_size, gradient_BHTS):
+    ones_B = jnp.ones((batch_size,), gradient_BHTS.dtype)
+    position_gradient_HTS = jnp.einsum("B,BHTS->HTS", ones_B, gradient_BHTS,
+                                       precision=jax.lax.Precision.HIGHEST)
+    return (position_gradient_HTS[None].astype(gradient_BHTS.dtype),
+            jnp.sum(gradient_BHTS, axis=1, keepdims=True))
+
+
+add_position_bias.defvjp(_add_position_bias_forward, _add_position_bias_backward)
 
 
 def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
@@ -121,6 +166,60 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
 
 def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(mask, 0.0, MASKED_LOGIT).astype(dtype)
+
+
+@jax.custom_vjp
+def softmax_attention(query_BTHK: jax.Array, key_BSHK: jax.Array, value_BSHK: jax.Array,
+                      bias_BHTS: jax.Array) -> jax.Array:
+    """The context [B, T, H, K] = softmax(query . key + bias over S, in float32) . value,
+    without dropout, with the backward pass of flash attention done in one block.
+
+    The forward pass divides the context by the softmax's normaliser instead of dividing
+    every weight, and the backward pass takes sum_S(weights * weight gradients) as
+    sum_K(context * context gradient): two fewer passes over the [B, H, T, S] arrays, which
+    bound attention on CPUs by memory traffic (docs/performance.md).
+    """
+    return _softmax_attention_forward(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)[0]
+
+
+def _softmax_attention_forward(query_BTHK, key_BSHK, value_BSHK, bias_BHTS):
+    logits_BHTS = (jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK).astype(jnp.float32)
+                   + bias_BHTS.astype(jnp.float32))
+    shifted_BHTS = jnp.exp(logits_BHTS - jnp.max(logits_BHTS, axis=-1, keepdims=True))
+    normaliser_BHT = jnp.sum(shifted_BHTS, axis=-1)
+    unnormalised_BTHK = jnp.einsum("BHTS,BSHK->BTHK", shifted_BHTS.astype(value_BSHK.dtype),
+                                   value_BSHK)
+    context_BTHK = (unnormalised_BTHK.astype(jnp.float32)
+                    / jnp.transpose(normaliser_BHT, (0, 2, 1))[..., None]
+                    ).astype(value_BSHK.dtype)
+    return context_BTHK, (query_BTHK, key_BSHK, value_BSHK, bias_BHTS, shifted_BHTS,
+                          normaliser_BHT, context_BTHK)
+
+
+def _softmax_attention_backward(residuals, context_gradient_BTHK):
+    (query_BTHK, key_BSHK, value_BSHK, bias_BHTS, shifted_BHTS, normaliser_BHT,
+     context_BTHK) = residuals
+    dtype = value_BSHK.dtype
+    weights_BHTS = shifted_BHTS / normaliser_BHT[..., None]
+    gradient_BTHK = context_gradient_BTHK.astype(dtype)
+    value_gradient_BSHK = jnp.einsum("BHTS,BTHK->BSHK", weights_BHTS.astype(dtype),
+                                     gradient_BTHK)
+    weights_gradient_BHTS = jnp.einsum("BTHK,BSHK->BHTS", gradient_BTHK,
+                                       value_BSHK).astype(jnp.float32)
+    row_dot_BHT = jnp.einsum("BTHK,BTHK->BHT", context_gradient_BTHK.astype(jnp.float32),
+                             context_BTHK.astype(jnp.float32))
+    logits_gradient_BHTS = weights_BHTS * (weights_gradient_BHTS - row_dot_BHT[..., None])
+    logits_gradient = logits_gradient_BHTS.astype(dtype)
+    query_gradient_BTHK = jnp.einsum("BHTS,BSHK->BTHK", logits_gradient, key_BSHK)
+    key_gradient_BSHK = jnp.einsum("BHTS,BTHK->BSHK", logits_gradient, query_BTHK)
+    # A bias broadcast over the batch or the heads takes the gradient summed over them.
+    broadcast_axes = tuple(axis for axis, size in enumerate(bias_BHTS.shape) if size == 1)
+    bias_gradient = jnp.sum(logits_gradient_BHTS, axis=broadcast_axes, keepdims=True)
+    return (query_gradient_BTHK.astype(query_BTHK.dtype), key_gradient_BSHK.astype(key_BSHK.dtype),
+            value_gradient_BSHK, bias_gradient.astype(bias_BHTS.dtype))
+
+
+softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
 class MultiHeadAttention(nn.Module):
@@ -166,7 +265,9 @@ class MultiHeadAttention(nn.Module):
                                  ("batch", "length", "heads", "kv"))
             value_BSHK = constrain(projection("value", 1.0)(inputs_kv_BSD),
                                    ("batch", "length", "heads", "kv"))
-            if cfg.attention == "einsum":
+            if cfg.attention == "einsum" and (deterministic or not cfg.dropout_rate):
+                context_BTHK = softmax_attention(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
+            elif cfg.attention == "einsum":
                 logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
                 context_BTHK = self._attend(logits_BHTS, bias_BHTS, "BSHK", value_BSHK,
                                             deterministic)
@@ -267,13 +368,15 @@ class Mlp(nn.Module):
         up = (cfg.d_model, cfg.d_ff)
         if cfg.gated_mlp:
             # One matmul against both kernels stacked [.., D, 2, F]: on CPU the backward pass
-            # then needs no transposed copy to add the two input gradients (a 31% faster
-            # MLP at t5_1_1_small's widths, docs/performance.md).
+            # then needs no transposed copy to add the two input gradients (docs/performance.md).
             kernel_init = partitioned(init, kernel_axes + ("embed", "mlp"))
             kernels = jnp.stack([Kernel(kernel_shape + up, kernel_init, name=name)()
                                  for name in ("wi_0", "wi_1")], axis=-2).astype(cfg.dtype)
-            both = jnp.einsum(f"{lead}X,{kernel_lead}XWY->{lead}WY", inputs.astype(cfg.dtype),
-                              kernels)
+            if self.num_experts:
+                both = jnp.einsum(f"{lead}X,{kernel_lead}XWY->{lead}WY",
+                                  inputs.astype(cfg.dtype), kernels)
+            else:
+                both = project(inputs, kernels, cfg.dtype)
             hidden = cfg.activation(both[..., 0, :]) * both[..., 1, :]
         else:
             hidden = cfg.activation(dense(up, "wi", ("embed", "mlp"))(inputs))
@@ -281,6 +384,46 @@ class Mlp(nn.Module):
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
         output = dense((cfg.d_ff, cfg.d_model), "wo", ("mlp", "embed"))(hidden)
         return constrain(output, lead_axes + ("embed",))
+
+
+def project(inputs: jax.Array, kernel: jax.Array, dtype: jnp.dtype,
+            contracting: int = 1) -> jax.Array:
+    """inputs [..., *I] times kernel [*I, *O] -> [..., *O] in `dtype`, I being the kernel's
+    first `contracting` dimensions: one 2-D matmul [N, I] x [I, O] whose backward pass
+    transposes the smaller of the inputs and the output gradient itself (see
+    _matmul_backward)."""
+    in_shape, out_shape = kernel.shape[:contracting], kernel.shape[contracting:]
+    lead_shape = inputs.shape[:inputs.ndim - contracting]
+    inputs_NI = inputs.astype(dtype).reshape(-1, math.prod(in_shape))
+    kernel_IO = kernel.astype(dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+    return _matmul(inputs_NI, kernel_IO).reshape(lead_shape + out_shape)
+
+
+@jax.custom_vjp
+def _matmul(inputs_NI: jax.Array, kernel_IO: jax.Array) -> jax.Array:
+    return inputs_NI @ kernel_IO
+
+
+def _matmul_forward(inputs_NI, kernel_IO):
+    return _matmul(inputs_NI, kernel_IO), (inputs_NI, kernel_IO)
+
+
+def _matmul_backward(residuals, gradient_NO):
+    """The kernel gradient inputs^T @ gradient contracts the major dimension of both. XLA:CPU
+    left alone transposes one operand with a fused copy, often the larger one and in the
+    producer's loop (for the 912 x 32,128 logits gradient: 100 ms for the layer's forward
+    and backward passes against 62 ms here). The transpose is materialised here, behind an
+    optimisation barrier so that XLA cannot fold it back into the matmul."""
+    inputs_NI, kernel_IO = residuals
+    inputs_gradient_NI = jnp.einsum("NO,IO->NI", gradient_NO, kernel_IO)
+    if inputs_NI.shape[1] <= gradient_NO.shape[1]:
+        kernel_gradient_IO = jax.lax.optimization_barrier(inputs_NI.T) @ gradient_NO
+    else:
+        kernel_gradient_IO = (jax.lax.optimization_barrier(gradient_NO.T) @ inputs_NI).T
+    return inputs_gradient_NI, kernel_gradient_IO
+
+
+_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 class Kernel(nn.Module):

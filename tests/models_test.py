@@ -88,6 +88,23 @@ def test_loss_matches_numpy_float64(model_and_params):
     assert float(sums["correct"]) == correct.sum() and float(sums["weight"]) == weights.sum()
 
 
+def test_cross_entropy_gradient_matches_numpy_float64():
+    """The hand-written backward pass: d(sum of weighted cross-entropy and z-loss)/d logits
+    = weight * (softmax * (1 + 2 z log Z) - onehot(target)), in float64."""
+    logits_BTV = jax.random.normal(jax.random.key(3), (2, 4, 11), jnp.float32) * 3
+    targets_BT = jnp.asarray([[0, 3, 10, 5], [7, 7, 1, 2]])
+    weights_BT = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1]])
+    z_loss = 1e-2
+    gradient = jax.jit(jax.grad(lambda logits: models.cross_entropy_sums(
+        logits, targets_BT, weights_BT, z_loss)["loss"]))(logits_BTV)
+    x = np.asarray(logits_BTV, np.float64)
+    log_z = np.log(np.exp(x).sum(-1, keepdims=True))
+    one_hot = np.eye(11)[np.asarray(targets_BT)]
+    want = (np.exp(x - log_z) * (1 + 2 * z_loss * log_z) - one_hot) * np.asarray(
+        weights_BT)[..., None]
+    np.testing.assert_allclose(np.asarray(gradient), want, rtol=1e-5, atol=1e-6)
+
+
 def test_greedy_decode_emits_the_argmax_of_its_own_prefix(model_and_params):
     model, params = model_and_params
     inputs = {"encoder_input_tokens": jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])}
