@@ -7,9 +7,11 @@ the first time: a million page faults, each page zero-filled by the kernel, 14% 
 2 cores (docs/performance.md). Served from the main heap, never trimmed, the block's pages stay
 mapped and the next step reuses them.
 
-The cost: the process keeps its peak heap until it exits, and where an execution starts
+The costs: the process keeps its peak heap until it exits, and where an execution starts
 before the previous one has freed its block, one more block (t5_1_1_tiny's trainer: 3.0 GB
-resident against 1.3 GB; t5_1_1_small's: 5.0 GB against 5.1 GB). Transparent huge pages
+resident against 1.3 GB; t5_1_1_small's: 5.0 GB against 5.1 GB). Compiling takes about 40%
+longer, its threads now sharing one arena (tiny's train step 5.5 -> 7.6 s; the test suite
+opts out). Transparent huge pages
 (glibc.malloc.hugetlb=1) would keep memory returned to the kernel, but stalled the step in
 compaction when torch ran beside it (docs/performance.md).
 """
