@@ -11,9 +11,8 @@ The costs: the process keeps its peak heap until it exits, and where an executio
 before the previous one has freed its block, one more block (t5_1_1_tiny's trainer: 3.0 GB
 resident against 1.3 GB; t5_1_1_small's: 5.0 GB against 5.1 GB). Compiling takes about 40%
 longer, its threads now sharing one arena (tiny's train step 5.5 -> 7.6 s; the test suite
-opts out). Transparent huge pages
-(glibc.malloc.hugetlb=1) would keep memory returned to the kernel, but stalled the step in
-compaction when torch ran beside it (docs/performance.md).
+opts out). Transparent huge pages (glibc.malloc.hugetlb=1) would keep memory returned to the
+kernel, but stalled the step in compaction when torch ran beside it (docs/performance.md).
 """
 import ctypes
 import os
@@ -22,7 +21,7 @@ import sys
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 OPT_OUT_VARIABLE = "T5X_LITE_SYSTEM_MALLOC"
-_MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                      "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -35,7 +34,7 @@ def reuse_freed_memory() -> bool:
     already tunes malloc (GLIBC_TUNABLES, MALLOC_*), and with T5X_LITE_SYSTEM_MALLOC=1.
     """
     if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT_VARIABLE) == "1"
-            or any(name in os.environ for name in _MALLOC_VARIABLES)):
+            or any(name in os.environ for name in MALLOC_VARIABLES)):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -31,8 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def step_faults(**environment) -> list[int]:
     env = {key: value for key, value in os.environ.items()
-           if key != host_memory.OPT_OUT_VARIABLE and not key.startswith("MALLOC_")
-           and key != "GLIBC_TUNABLES"}
+           if key not in (host_memory.OPT_OUT_VARIABLE, *host_memory.MALLOC_VARIABLES)}
     result = subprocess.run([sys.executable, "-c", _STEP_FAULTS], cwd=REPO, check=True,
                             env={**env, "JAX_PLATFORMS": "cpu", **environment},
                             capture_output=True, text=True, timeout=300)
