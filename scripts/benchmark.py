@@ -22,8 +22,8 @@ Figures (each measured in the run that prints it; add --json for one JSON object
          compile_seconds      wall-clock seconds of the first call (compilation plus one step)
          model_flops_per_step matmul FLOPs of one step (forward + backward; formula in
                               model_flops_per_step)
-         peak_flops           FLOP/s of a --peak-size square matmul in --dtype, measured in
-                              the same run on the same devices
+         peak_flops           FLOP/s of a --peak-size square matmul in --dtype: the median
+                              of calls timed between the train steps, on the same devices
          mfu                  model_flops_per_step / step_seconds / peak_flops
          ratio_to_transformers   with --compare-hf: transformers' step_seconds / ours (both
                               AdamW, float32, no dropout, same shapes, timed A B A B ...)
@@ -239,7 +239,8 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     """One row per implementation: the median of `steps` train steps after compiling and
     `warmup` steps. With `compare_hf` transformers' T5 trains on the same shapes (AdamW,
     float32, no dropout) in turn with ours (A B A B ...). With `peak_size` > 0 the rows also
-    give model FLOPs, the measured matmul peak and MFU."""
+    give model FLOPs, the matmul peak and MFU, the peak matmul timed in the same turns
+    (A B P A B P ...) so that both rates see the machine in the same state."""
     import jax.numpy as jnp
 
     _, state, train_step, device_batch = train_setup(
@@ -256,15 +257,17 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     if compare_hf:
         runs["transformers"] = hf_train_timer(
             config, packed_shaped_batch(batch, inputs, targets, config.vocab_size))
+    if peak_size:
+        runs["peak"] = peak_matmul_timer(config.activation_dtype, peak_size)
     seconds = {who: [] for who in runs}
     for _ in range(1 + warmup + steps):  # Compilation, warm-up, then timed steps.
         for who, run in runs.items():
             seconds[who].append(run())
     rows = [train_row(preset, who, batch, inputs, targets, steps, seconds[who], optimizer,
-                      {"dtype": dtype, **overrides}) for who in runs]
+                      {"dtype": dtype, **overrides}) for who in runs if who != "peak"]
     if peak_size:
-        flops, peak = model_flops_per_step(config, batch, inputs, targets), measure_peak_flops(
-            config.activation_dtype, peak_size)
+        flops = model_flops_per_step(config, batch, inputs, targets)
+        peak = peak_flops(peak_size, statistics.median(seconds["peak"][-steps:]))
         for row in rows:
             row.update(model_flops_per_step=flops, peak_flops=peak,
                        mfu=flops / row["step_seconds"] / peak)
@@ -312,18 +315,23 @@ def model_flops_per_step(config, batch: int, inputs: int, targets: int) -> float
     return 3.0 * forward
 
 
-def measure_peak_flops(dtype, size: int, repeats: int = 5) -> float:
-    """FLOP/s of a jitted `size` x `size` by `size` x `size` matmul in `dtype` on the
-    devices (the median of `repeats` calls after a compiling one), times the device count:
-    the rate MFU divides by."""
+def peak_matmul_timer(dtype, size: int) -> Callable[[], float]:
+    """A function running one jitted `size` x `size` by `size` x `size` matmul in `dtype`,
+    waited for; returns its seconds (see peak_flops)."""
     import jax
     import jax.numpy as jnp
 
     matrices = [jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2)]
     matmul = jax.jit(jnp.matmul)
-    seconds = [timed(lambda: jax.block_until_ready(matmul(*matrices)))
-               for _ in range(1 + repeats)]
-    return 2 * size**3 / statistics.median(seconds[1:]) * jax.device_count()
+    return lambda: timed(lambda: jax.block_until_ready(matmul(*matrices)))
+
+
+def peak_flops(size: int, seconds: float) -> float:
+    """FLOP/s of one `size`-cubed matmul taking `seconds`, times the device count: the rate
+    MFU divides by."""
+    import jax
+
+    return 2 * size**3 / seconds * jax.device_count()
 
 
 def hf_train_timer(config, arrays: dict) -> Callable[[], float]:
