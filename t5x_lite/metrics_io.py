@@ -166,8 +166,8 @@ def average_metrics(rows: list[dict[str, np.ndarray]]) -> dict:
 class LogPeriod:
     """The per-step metrics since the last log line and the wall-clock time they took (less
     pauses for evaluation and checkpoints), of which `data_wait` seconds went to waiting for
-    the input pipeline; the first step after a start, which compiles, counts in the
-    averages but not in throughput."""
+    the input pipeline with nothing left for the devices to run; the first step after a
+    start, which compiles, counts in the averages but not in throughput."""
 
     def __init__(self, start_step: int, tokens_per_step: int):
         self.start_step, self.tokens_per_step = start_step, tokens_per_step
@@ -184,6 +184,15 @@ class LogPeriod:
             self.data_wait = 0.0
         else:
             self.timed_steps += 1
+
+    def add_data_wait(self, seconds: float, last_step_outputs) -> None:
+        """Counts `seconds` spent waiting for a batch, unless the last step dispatched (its
+        device arrays `last_step_outputs`; None before the first) was still running when
+        the batch came. Steps run asynchronously, so then the devices had work queued the
+        whole time and the wait cost nothing."""
+        if last_step_outputs is None or all(
+                leaf.is_ready() for leaf in jax.tree_util.tree_leaves(last_step_outputs)):
+            self.data_wait += seconds
 
     def fetch(self) -> list[dict]:
         """The rows as NumPy values (waits for their steps to finish)."""

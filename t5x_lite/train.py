@@ -422,13 +422,13 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     if step == 0:
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
         report_metrics(state, say)
-    progress, rollbacks = Progress(step, loop.train_steps), 0
+    progress, rollbacks, metrics = Progress(step, loop.train_steps), 0, None
     with faults.StopRequest() as stop:
         while step < loop.train_steps:
             step += 1
             wait_start = time.perf_counter()
             local_batch = next(batches)
-            period.data_wait += time.perf_counter() - wait_start
+            period.add_data_wait(time.perf_counter() - wait_start, metrics)
             state, metrics = train_step(state, partitioning.global_batch(local_batch,
                                                                          trainer.mesh))
             period.add(step, metrics)
