@@ -22,8 +22,9 @@ Figures (each measured in the run that prints it; add --json for one JSON object
          compile_seconds      wall-clock seconds of the first call (compilation plus one step)
          model_flops_per_step matmul FLOPs of one step (forward + backward; formula in
                               model_flops_per_step)
-         peak_flops           FLOP/s of a --peak-size square matmul in --dtype: the median
-                              of calls timed between the train steps, on the same devices
+         peak_flops           FLOP/s of --peak-size square matmuls in --dtype, one on every
+                              device at once: the median of calls timed between the train
+                              steps
          mfu                  model_flops_per_step / step_seconds / peak_flops
          ratio_to_transformers   with --compare-hf: transformers' step_seconds / ours (both
                               AdamW, float32, no dropout, same shapes, timed A B A B ...)
@@ -315,19 +316,34 @@ def model_flops_per_step(config, batch: int, inputs: int, targets: int) -> float
     return 3.0 * forward
 
 
+def peak_matmul_operands(dtype, size: int) -> list:
+    """Two random [devices, size, size] arrays in `dtype`, split so that each device holds
+    one `size` x `size` matrix of each."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    per_device = NamedSharding(Mesh(devices, ("devices",)), PartitionSpec("devices"))
+    shape = (len(devices), size, size)
+    random = jax.jit(lambda key: jax.random.normal(key, shape, dtype), out_shardings=per_device)
+    return [random(jax.random.key(i)) for i in range(2)]
+
+
 def peak_matmul_timer(dtype, size: int) -> Callable[[], float]:
-    """A function running one jitted `size` x `size` by `size` x `size` matmul in `dtype`,
-    waited for; returns its seconds (see peak_flops)."""
+    """A function running one jitted `size` x `size` by `size` x `size` matmul in `dtype` on
+    every device at once, waited for; returns its seconds (see peak_flops). All devices run
+    together so that devices sharing hardware (CPU devices forced onto the same cores) are
+    not each credited with all of it."""
     import jax
     import jax.numpy as jnp
 
-    matrices = [jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2)]
+    matrices = peak_matmul_operands(dtype, size)
     matmul = jax.jit(jnp.matmul)
     return lambda: timed(lambda: jax.block_until_ready(matmul(*matrices)))
 
 
 def peak_flops(size: int, seconds: float) -> float:
-    """FLOP/s of one `size`-cubed matmul taking `seconds`, times the device count: the rate
+    """FLOP/s of the devices' `size`-cubed matmuls running together in `seconds`: the rate
     MFU divides by."""
     import jax
 
