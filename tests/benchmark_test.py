@@ -115,6 +115,10 @@ def test_bad_input_is_one_error_line(args, expected):
     assert "Traceback" not in result.stderr
 
 
+EIGHT_CPU_DEVICES = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+                     "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
 def test_the_peak_matmul_runs_on_every_device_at_once():
     """peak_flops counts size^3 per device: each of the 8 devices must hold its own pair of
     matrices, or 8 CPU devices sharing the same cores would be credited 8 times over."""
@@ -125,8 +129,7 @@ def test_the_peak_matmul_runs_on_every_device_at_once():
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=os.path.dirname(SCRIPT), capture_output=True,
         text=True, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        env=EIGHT_CPU_DEVICES)
     assert result.returncode == 0, result.stderr[-2000:]
     shards = [json.loads(line) for line in result.stdout.splitlines()]
     assert shards == [[[device, [1, 16, 16]] for device in range(8)]] * 2
@@ -136,8 +139,7 @@ def test_state_bytes_shrink_with_fsdp_on_eight_devices():
     result = subprocess.run(
         [sys.executable, SCRIPT, "state", "--preset", "t5_1_1_tiny", "--json"], cwd=REPO,
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        env=EIGHT_CPU_DEVICES)
     rows = {row["rules"]: row for row in json_rows(result)}
     assert set(rows) == {"data", "fsdp", "fsdp_tensor"}
     assert rows["fsdp"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
