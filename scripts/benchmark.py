@@ -617,9 +617,9 @@ def measure_checkpoint(preset: str, batch: int, inputs: int, targets: int, saves
     state_mib = partitioning.per_device_bytes((state.params, state.opt_state)) / 2**20
     # A real input position to save with each checkpoint (the byte-level span-corruption
     # task at these lengths), as training saves one.
-    batches = pipeline.TrainBatches(pipeline.get_dataset(
+    batches = pipeline.get_shard_batches(
         "stdlib_span_corruption_bytes", "train", {"inputs": inputs, "targets": targets}, batch,
-        shuffle=True, seed=0, repeat=True))
+        shuffle=True, seed=0, repeat=True)
     next(batches)
     manager = checkpoints.create_manager(directory, keep=2)
     plain, saving, during = [], [], []

@@ -1,10 +1,12 @@
 """Orbax checkpoints under MODEL_DIR/checkpoints/<step>/ with three items: `params` and
-`opt_state` (so evaluation and inference can restore parameters alone) and `data`, each
-process's input-pipeline position (so a resumed run reads exactly the batches an
-uninterrupted one would). Save every N steps and at the end, keep the last K, restore the
+`opt_state` (so evaluation and inference can restore parameters alone) and `data`, the
+position of every input shard, written by the process that reads it (so a resumed run reads
+exactly the batches an uninterrupted one would, on any process count that reads whole
+shards). Save every N steps and at the end, keep the last K, restore the
 newest directly into its shards."""
 import dataclasses
 import os
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,28 +20,21 @@ ITEMS = ("params", "opt_state", "data")
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-    """Writes each process's input-pipeline state ({file name: bytes}, taken when the save
-    starts) to <step>/data/process_<i>-of-<n>/; Orbax makes the step directory appear only
-    once every item is complete."""
-
-    @staticmethod
-    def _process_dir(directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+    """Writes the input-pipeline positions of this process's input shards ({shard name:
+    {file name: bytes}}, taken when the save starts) to <step>/data/<shard name>/; Orbax
+    makes the step directory appear only once every item is complete."""
 
     def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-        target = self._process_dir(directory)
-        target.mkdir(parents=True, exist_ok=True)
-        for name, data in args.files.items():
-            (target / name).write_bytes(data)
+        for shard, files in args.shards.items():
+            target = directory / shard
+            target.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (target / name).write_bytes(data)
 
     def restore(self, directory: epath.Path, args: "DataStateRestore" = None
-                ) -> dict[str, bytes]:
-        source = self._process_dir(directory)
-        if not source.exists():
-            raise FileNotFoundError(f"{directory} holds no input state for process "
-                                    f"{jax.process_index()} of {jax.process_count()}: resume "
-                                    "with the process count that saved it")
-        return {path.name: path.read_bytes() for path in source.iterdir()}
+                ) -> dict[str, dict[str, bytes]]:
+        return {shard: {path.name: path.read_bytes() for path in (directory / shard).iterdir()}
+                for shard in args.shards}
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -54,13 +49,13 @@ class DataStateHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
 @dataclasses.dataclass
 class DataStateSave(ocp.args.CheckpointArgs):
-    files: dict
+    shards: dict
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
-    pass
+    shards: tuple = ()
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -79,16 +74,16 @@ def create_manager(model_dir: str, keep: int = 3, read_only: bool = False
 
 
 def save(manager: ocp.CheckpointManager, state: trainer.TrainState,
-         data_state: dict[str, bytes] | None = None) -> None:
-    """Starts saving `state` (in the background) and, given, this process's input position
-    `data_state` (pipeline.TrainBatches.state() taken after the step's batch)."""
+         input_position: dict[str, dict[str, bytes]] | None = None) -> None:
+    """Starts saving `state` (in the background) and, given, the positions of this process's
+    input shards (pipeline.ShardedBatches.state() taken after the step's batch)."""
     step = int(state.step)
     if step in manager.all_steps():
         return
     items = {"params": ocp.args.StandardSave(state.params),
              "opt_state": ocp.args.StandardSave(state.opt_state)}
-    if data_state is not None:
-        items["data"] = DataStateSave(data_state)
+    if input_position is not None:
+        items["data"] = DataStateSave(input_position)
     manager.save(step, args=ocp.args.Composite(**items))
 
 
@@ -114,23 +109,35 @@ def incomplete_checkpoints(manager: ocp.CheckpointManager) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if INCOMPLETE_MARK in path.name)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.TrainState
-                   ) -> tuple[trainer.TrainState, dict[str, bytes] | None] | None:
+def saved_input_shards(manager: ocp.CheckpointManager, step: int) -> list[str]:
+    """Names of the input shards whose positions checkpoint `step` holds (none for a
+    checkpoint saved without them)."""
+    directory = epath.Path(manager.directory) / str(step) / "data"
+    if not directory.exists():
+        return []
+    return sorted(path.name for path in directory.iterdir() if path.is_dir())
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: trainer.TrainState,
+                   input_shards: Sequence[str] = ()
+                   ) -> tuple[trainer.TrainState, dict[str, dict[str, bytes]] | None] | None:
     """The newest checkpoint laid out like `abstract_state` (ShapeDtypeStructs carrying
-    shardings) and this process's saved input position (None for a checkpoint saved
-    without one), or None when there is no checkpoint yet."""
+    shardings) and the saved positions of `input_shards` (None when it lacks any of them:
+    saved without positions, or for another shard count), or None when there is no
+    checkpoint yet."""
     step = manager.latest_step()
     if step is None:
         return None
     items = {"params": ocp.args.StandardRestore(abstract_state.params),
              "opt_state": ocp.args.StandardRestore(abstract_state.opt_state)}
-    has_data = (epath.Path(manager.directory) / str(step) / "data").exists()
-    if has_data:
-        items["data"] = DataStateRestore()
+    has_position = bool(input_shards) and set(input_shards) <= set(
+        saved_input_shards(manager, step))
+    if has_position:
+        items["data"] = DataStateRestore(tuple(input_shards))
     restored = _restore(manager, step, abstract_state.params, items)
     state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), params=restored["params"],
                                opt_state=restored["opt_state"])
-    return state, restored["data"] if has_data else None
+    return state, restored["data"] if has_position else None
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_params, items: dict) -> dict:

@@ -47,7 +47,8 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
     vocabulary = tasks.get_task_or_mixture(
         data.mixture_or_task_name).output_features["targets"].vocabulary
     # Shuffled with a fixed seed: the first examples in file order all come from one file.
-    local = next(data.batches("validation", shuffle=True, seed=0, repeat=False, pack=False))
+    local = next(data.batches("validation", mesh, shuffle=True, seed=0, repeat=False,
+                              pack=False))
     batch = partitioning.global_batch(local, mesh)
     decode_length = data.task_feature_lengths["targets"]
     predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=decode_length,

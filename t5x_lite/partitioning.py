@@ -152,6 +152,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> range:
+    """The rows of a global batch of `batch_size` rows that this process's devices hold (the
+    rows global_batch takes from it): one block, the same for processes that replicate it."""
+    blocks = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                     for index in batch_sharding(mesh).addressable_devices_indices_map(
+                         (batch_size,)).values()})
+    for (_, stop), (start, _) in zip(blocks, blocks[1:]):
+        if start != stop:
+            raise ValueError(f"this process's devices hold rows {blocks} of each batch, not one "
+                             "block: order the mesh's devices by process")
+    return range(blocks[0][0], blocks[-1][1])
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles this host's rows into global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Sequence
 
 import gin
 import jax
@@ -32,17 +32,30 @@ from t5x_lite.data import tasks
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Which seqio task or mixture feeds the model, at which lengths and global batch size."""
+    """Which seqio task or mixture feeds the model, at which lengths and global batch size,
+    read as `num_input_shards` input shards (pipeline.py): the global batches are the same for
+    any number of hosts whose devices hold whole shards' rows (for data parallelism, a process
+    count that divides it). `resume_without_input_position` lets a run resume a checkpoint
+    whose saved input positions are for another shard count: parameters and optimizer state
+    as saved, the input stream started anew (seeded by the step)."""
 
     mixture_or_task_name: str
     task_feature_lengths: dict
     batch_size: int
     pack: bool = True
+    num_input_shards: int = 1
+    resume_without_input_position: bool = False
 
     def __post_init__(self):
         pipeline.check_lengths(self.task_feature_lengths)
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
+        if self.num_input_shards < 1:
+            raise ValueError(f"NUM_INPUT_SHARDS must be >= 1, got {self.num_input_shards}")
+        if self.batch_size % self.num_input_shards:
+            raise ValueError(f"BATCH_SIZE {self.batch_size} does not split over "
+                             f"NUM_INPUT_SHARDS = {self.num_input_shards} input shards: use a "
+                             f"multiple of {self.num_input_shards}")
 
     def host_batch_size(self) -> int:
         if self.batch_size % jax.process_count():
@@ -50,25 +63,39 @@ class DataConfig:
                              f"{jax.process_count()} processes")
         return self.batch_size // jax.process_count()
 
-    def train_batches(self, seed: int) -> pipeline.TrainBatches:
-        """This host's share of each training batch, shuffled by `seed`, endless, with a
-        position that checkpoints save."""
-        return pipeline.TrainBatches(pipeline.get_dataset(
-            self.mixture_or_task_name, "train", dict(self.task_feature_lengths),
-            self.host_batch_size(), shuffle=True, seed=seed, repeat=True, pack=self.pack,
-            shard_index=jax.process_index(), num_shards=jax.process_count()))
+    def host_shards(self, mesh) -> range:
+        """The input shards whose rows this process's devices hold; ValueError naming the
+        process counts that work when the rows do not fall on whole shards."""
+        rows = partitioning.process_rows(mesh, self.batch_size)
+        shard_rows = self.batch_size // self.num_input_shards
+        if rows.start % shard_rows or len(rows) % shard_rows:
+            groups = self.batch_size // len(rows)
+            divisors = [n for n in range(1, self.num_input_shards + 1)
+                        if self.num_input_shards % n == 0]
+            raise ValueError(
+                f"NUM_INPUT_SHARDS = {self.num_input_shards} does not divide over "
+                f"the {groups} processes that hold distinct rows of each batch: run on a "
+                f"process count that divides it ({', '.join(map(str, divisors))}), or bind "
+                f"NUM_INPUT_SHARDS to a multiple of {groups} (another input stream: a run with "
+                "checkpoints then resumes only with RESUME_WITHOUT_INPUT_POSITION = True)")
+        return range(rows.start // shard_rows, rows.stop // shard_rows)
+
+    def host_shard_names(self, mesh) -> list[str]:
+        return [pipeline.shard_name(index, self.num_input_shards)
+                for index in self.host_shards(mesh)]
+
+    def batches(self, split: str, mesh, *, shuffle: bool, seed: int | None, repeat: bool,
+                pack: bool | None = None) -> pipeline.ShardedBatches:
+        """This host's rows of each global batch; endless with `repeat` (training, with a
+        position that checkpoints save), else one pass with zero rows past a shard's end."""
+        return pipeline.get_shard_batches(
+            self.mixture_or_task_name, split, dict(self.task_feature_lengths),
+            self.batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+            pack=self.pack if pack is None else pack, num_shards=self.num_input_shards,
+            shard_indices=self.host_shards(mesh))
 
     def has_split(self, split: str) -> bool:
         return split in tasks.get_task_or_mixture(self.mixture_or_task_name).splits
-
-    def batches(self, split: str, *, shuffle: bool, seed: int | None, repeat: bool,
-                pack: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """This host's share of each global batch."""
-        return pipeline.get_batches(
-            self.mixture_or_task_name, split, dict(self.task_feature_lengths),
-            self.host_batch_size(), shuffle=shuffle, seed=seed, repeat=repeat,
-            pack=self.pack if pack is None else pack,
-            shard_index=jax.process_index(), num_shards=jax.process_count())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +173,7 @@ def check_vocabulary(model_config: models.T5Config, data: DataConfig) -> None:
 def evaluate(eval_step: Callable, params, data: DataConfig, mesh, eval_steps: int | None
              ) -> dict[str, float]:
     """Token-weighted loss and accuracy over the validation split (or its first batches)."""
-    batches, sums = data.batches("validation", shuffle=False, seed=0, repeat=False), []
+    batches, sums = data.batches("validation", mesh, shuffle=False, seed=0, repeat=False), []
     while eval_steps is None or len(sums) < eval_steps:
         local = next(batches, None)
         if not partitioning.any_process(local is not None):
@@ -180,15 +207,18 @@ def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
-                    upcycle_from: str | None = None, init_from: str | None = None
-                    ) -> tuple[trainer_lib.TrainState, dict[str, bytes] | None]:
-    """The newest checkpoint in MODEL_DIR with its input position; else step 0 from the
-    parameters of `init_from`'s newest checkpoint, or upcycled from `upcycle_from`'s; else a
-    fresh initialisation (no input position: the pipeline starts at the beginning)."""
+                    upcycle_from: str | None = None, init_from: str | None = None,
+                    input_shards: Sequence[str] = ()
+                    ) -> tuple[trainer_lib.TrainState, dict | None]:
+    """The newest checkpoint in MODEL_DIR with the saved positions of `input_shards` (None
+    when it lacks any of them); else step 0 from the parameters of `init_from`'s newest
+    checkpoint, or upcycled from `upcycle_from`'s; else a fresh initialisation (no input
+    position: the pipeline starts at the beginning)."""
     for name in checkpoints.incomplete_checkpoints(manager):
         say(f"Skipping {name} in {manager.directory}: an interrupted save, never complete "
             "(left in place).")
-    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state())
+    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state(),
+                                          input_shards)
     if restored is not None:
         say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
         return restored
@@ -334,6 +364,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     trainer = trainer_lib.build_trainer(
         model_config, learning_rate, optimizer, mesh_config, loop.seed, num_microbatches,
         loop.max_consecutive_skips if loop.nan_policy == "skip" else None)
+    input_shards = data.host_shard_names(trainer.mesh)
     model_dir = prepare_model_dir(loop.model_dir)
     check_vocabulary(model_config, data)
     if not data.has_split("validation"):
@@ -345,14 +376,15 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
     newest = lambda: max(checkpoints.complete_steps(model_dir), default=None)  # noqa: E731
     with faults.disk_full_explained(model_dir, newest):
-        state, data_state = restore_or_init(trainer, manager, loop.seed, upcycle_from,
-                                            init_from)
+        state, input_position = restore_or_init(trainer, manager, loop.seed, upcycle_from,
+                                                init_from, input_shards)
         start_step = int(state.step)
         if start_step >= loop.train_steps:
             say(f"Training already finished: checkpoint at step {start_step} >= TRAIN_STEPS "
                 f"{loop.train_steps} in {model_dir}.")
             return
-        batches = train_batches(data, loop.seed, start_step, data_state)
+        batches = train_batches(data, trainer.mesh, loop.seed, start_step, input_position,
+                                manager)
         # Written once the checkpoints are known to be of this model and the task to build.
         write_config(model_dir)
         try:
@@ -369,22 +401,55 @@ def write_config(model_dir: str) -> None:
             f.write(gin.config_str())
 
 
-def train_batches(data: DataConfig, seed: int, start_step: int,
-                  data_state: dict[str, bytes] | None) -> pipeline.TrainBatches:
-    """The training batches, from the saved position when the checkpoint has one, so a
-    resumed run reads exactly what an uninterrupted one would."""
-    if data_state is not None or start_step == 0:
-        batches = data.train_batches(seed)
-        if data_state is not None:
-            batches.restore(data_state)
+def train_batches(data: DataConfig, mesh, seed: int, start_step: int,
+                  input_position: dict | None, manager) -> pipeline.ShardedBatches:
+    """The training batches, from the saved position when the checkpoint has one for every
+    input shard this process reads, so a resumed run reads exactly what an uninterrupted one
+    would. A checkpoint saved for another shard count is an error naming the fix, unless
+    data.resume_without_input_position starts the stream anew."""
+    if input_position is not None or start_step == 0:
+        batches = data.batches("train", mesh, shuffle=True, seed=seed, repeat=True)
+        if input_position is not None:
+            batches.restore(input_position)
         return batches
-    # A checkpoint from before input positions were saved: fresh examples, not a replay.
-    say(f"The checkpoint at step {start_step} holds no input position: reading batches "
-        f"shuffled with seed {seed} + {start_step} instead.")
-    return data.train_batches(seed + start_step)
+    saved = checkpoints.saved_input_shards(manager, start_step)
+    if not saved:
+        # A checkpoint from before input positions were saved: fresh examples, not a replay.
+        say(f"The checkpoint at step {start_step} holds no input position: reading batches "
+            f"shuffled with seed {seed} + {start_step} instead.")
+    elif not data.resume_without_input_position:
+        saved_count = saved_shard_count(saved)
+        anew = ("RESUME_WITHOUT_INPUT_POSITION = True to resume its parameters and optimizer "
+                "state on a new input stream")
+        fix = (f"{plural(saved_count, 'input shard')}, this run reads NUM_INPUT_SHARDS = "
+               f"{data.num_input_shards}: bind NUM_INPUT_SHARDS = {saved_count} to resume "
+               f"exactly, or bind {anew}" if saved_count else
+               f"{len(saved)} processes, as an earlier t5x_lite saved them: bind {anew}")
+        raise ValueError(f"checkpoint {manager.directory}/{start_step} holds input positions "
+                         f"for {fix}")
+    else:
+        shards, saved_shards = (plural(count, "input shard")
+                                for count in (data.num_input_shards, len(saved)))
+        say(f"WARNING: resuming step {start_step}'s parameters and optimizer state on a NEW "
+            f"input stream (seed {seed} + {start_step}, {shards}), not the saved positions of "
+            f"{saved_shards}: the batches from here on differ from an uninterrupted run's "
+            "(RESUME_WITHOUT_INPUT_POSITION = True).")
+    return data.batches("train", mesh, shuffle=True, seed=seed + start_step, repeat=True)
 
 
-def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.TrainBatches,
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def saved_shard_count(names: Sequence[str]) -> int | None:
+    """The shard count in saved position names (pipeline.shard_name); None for positions an
+    earlier t5x_lite saved per process."""
+    if all(name.startswith("shard_") for name in names):
+        return int(names[0].rpartition("-of-")[2])
+    return None
+
+
+def stop_after_saving(manager, state: trainer_lib.TrainState, batches: pipeline.ShardedBatches,
                       signal_number: int | None, model_dir: str) -> None:
     checkpoints.save(manager, state, batches.state())
     manager.wait_until_finished()
@@ -412,7 +477,7 @@ def rolled_back(trainer: trainer_lib.Trainer, manager, error: faults.NonFiniteLo
 
 def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, manager,
                data: DataConfig, loop: LoopConfig, model_dir: str,
-               batches: pipeline.TrainBatches) -> None:
+               batches: pipeline.ShardedBatches) -> None:
     writer = metrics_io.MetricsWriter(model_dir)
     train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
     step = int(state.step)

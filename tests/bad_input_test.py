@@ -186,6 +186,34 @@ def test_batch_not_divisible(model_dir, capsys):
                     "devices x num_microbatches = 2: use a multiple of 2")
 
 
+def test_input_shards_not_dividing_the_batch(model_dir, capsys):
+    line = check_train_refuses(capsys, model_dir, "--gin.NUM_INPUT_SHARDS=3")
+    assert line == ("error: BATCH_SIZE 8 does not split over NUM_INPUT_SHARDS = 3 input "
+                    "shards: use a multiple of 3")
+
+
+def test_another_input_shard_count_is_not_a_damaged_checkpoint(model_dir, capsys):
+    """The checkpoint holds the position of 1 input shard; a run reading 2 refuses it with
+    the two ways on, and resumes its state on a new stream when told to, saying so."""
+    line = check_train_refuses(capsys, model_dir, "--gin.NUM_INPUT_SHARDS=2")
+    assert line == (f"error: checkpoint {model_dir / 'checkpoints'}/{FIRST_STEPS} holds input "
+                    "positions for 1 input shard, this run reads NUM_INPUT_SHARDS = 2: bind "
+                    "NUM_INPUT_SHARDS = 1 to resume exactly, or bind "
+                    "RESUME_WITHOUT_INPUT_POSITION = True to resume its parameters and "
+                    "optimizer state on a new input stream")
+    main("train", [*flags(model_dir, steps=FIRST_STEPS + 1), "--gin.NUM_INPUT_SHARDS=2",
+                   "--gin.RESUME_WITHOUT_INPUT_POSITION=True"])
+    out = capsys.readouterr().out
+    assert f"Resuming from checkpoint at step {FIRST_STEPS}." in out
+    assert out.count("WARNING: resuming step 2's parameters and optimizer state on a NEW input "
+                     "stream (seed 0 + 2, 2 input shards), not the saved positions of 1 input "
+                     "shard") == 1
+    assert checkpoints.complete_steps(model_dir)[-1] == FIRST_STEPS + 1
+    saved = model_dir / "checkpoints" / str(FIRST_STEPS + 1) / "data"
+    assert sorted(path.name for path in saved.iterdir() if path.is_dir()) == [
+        "shard_00000-of-00002", "shard_00001-of-00002"]
+
+
 def test_model_dir_not_writable(capsys, task_name, tmp_path):  # noqa: F811
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where MODEL_DIR's parent should be")

@@ -1,11 +1,14 @@
-"""Batches from `pipeline.get_batches`: one fixed layout, packing metadata that agrees with the
-tokens, every document read exactly once across host shards, and reproducible shuffling."""
+"""Batches from `pipeline.get_batches` and `get_shard_batches`: one fixed layout, packing
+metadata that agrees with the tokens, every document read exactly once across input shards,
+the same global batches however the shards are split between hosts, positions that resume
+exactly, and reproducible shuffling."""
 import json
 
 import numpy as np
 import pytest
 
 from t5x_lite.data import corpora
+from t5x_lite.data import objectives
 from t5x_lite.data import pipeline
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab
@@ -18,14 +21,16 @@ BYTES = vocab.byte_vocabulary()
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    """Short documents (one span-corruption chunk each) registered as TASK."""
+    """Short documents registered as TASK, each cut on its own (one span-corruption chunk
+    each), so that examples can be traced back to documents."""
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghij klmnop"))
     texts = ["".join(rng.choice(letters, size=rng.integers(4, 30))).strip() + "."
              for _ in range(NUM_DOCUMENTS)]
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": text}) for text in texts))
-    tasks.register_text_task(TASK, [str(path)], vocabulary=BYTES)
+    tasks.register_text_task(TASK, [str(path)], vocabulary=BYTES,
+                             objective=objectives.SpanCorruption(concatenate_documents=False))
     return texts
 
 
@@ -34,8 +39,10 @@ def batches(**kwargs):
     options.update(kwargs)
     batch_size = options.pop("batch_size", 8)
     task = options.pop("task", TASK)
-    return list(pipeline.get_batches(task, options.pop("split", "train"), LENGTHS, batch_size,
-                                     **options))
+    split = options.pop("split", "train")
+    if "num_shards" in options:
+        return list(pipeline.get_shard_batches(task, split, LENGTHS, batch_size, **options))
+    return list(pipeline.get_batches(task, split, LENGTHS, batch_size, **options))
 
 
 def segments(batch_list):
@@ -107,12 +114,70 @@ def test_one_pass_reads_every_document_once(docs, rebuild_from_span_corruption):
     assert sorted(decoded_documents(batches(), rebuild_from_span_corruption)) == sorted(docs)
 
 
-def test_host_shards_are_disjoint_and_complete(docs, rebuild_from_span_corruption):
-    shards = [decoded_documents(batches(shuffle=True, seed=5, shard_index=index, num_shards=2),
-                                rebuild_from_span_corruption) for index in range(2)]
+def test_input_shards_are_disjoint_and_complete(docs, rebuild_from_span_corruption):
+    shards = [decoded_documents(batches(shuffle=True, seed=5, batch_size=16, num_shards=2,
+                                        shard_indices=[index]), rebuild_from_span_corruption)
+              for index in range(2)]
     assert abs(len(shards[0]) - len(shards[1])) <= 1
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(docs)
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_global_batches_do_not_depend_on_how_hosts_split_the_shards(docs, repeat):
+    """One host reading 4 shards gets, row for row, what 2 or 4 hosts read together (their
+    rows concatenated in host order), in training (endless) and in evaluation (one pass,
+    where a host whose shards have run out feeds zero rows until every host's have)."""
+    steps = 12  # Past one pass over the 45 documents.
+
+    def read(shard_indices):
+        iterator = pipeline.get_shard_batches(TASK, "train", LENGTHS, 8, shuffle=True, seed=3,
+                                              repeat=repeat, pack=False, num_shards=4,
+                                              shard_indices=shard_indices)
+        return [next(iterator, None) for _ in range(steps)]
+
+    one_host = read(range(4))
+    for hosts in (2, 4):
+        per_host = [read(range(h * 4 // hosts, (h + 1) * 4 // hosts)) for h in range(hosts)]
+        for step in range(steps):
+            if one_host[step] is None:
+                assert all(host[step] is None for host in per_host)
+                continue
+            for key in pipeline.BATCH_KEYS:
+                zeros = np.zeros_like(one_host[step][key][:8 // hosts])
+                joined = np.concatenate([zeros if host[step] is None else host[step][key]
+                                         for host in per_host])
+                np.testing.assert_array_equal(joined, one_host[step][key], err_msg=key)
+    real = [batch for batch in one_host if batch is not None]
+    if repeat:
+        assert len(real) == steps
+    else:  # Unpacked: one document a row, each read once; 4 shards of 11-12 in 2-row batches.
+        assert len(real) == 6 and one_host[6] is None
+        assert sum(int(b["decoder_loss_weights"].any(axis=1).sum()) for b in real) == (
+            NUM_DOCUMENTS)
+
+
+def test_positions_saved_by_one_host_resume_on_two(docs):
+    """A position saved by a host reading both shards, restored by two hosts reading one
+    shard each, continues with exactly the batches the uninterrupted reader gives."""
+    def reader(shard_indices):
+        return pipeline.get_shard_batches(TASK, "train", LENGTHS, 8, shuffle=True, seed=4,
+                                          repeat=True, num_shards=2, shard_indices=shard_indices)
+
+    uninterrupted = reader([0, 1])
+    for _ in range(5):
+        next(uninterrupted)
+    state = uninterrupted.state()
+    assert sorted(state) == ["shard_00000-of-00002", "shard_00001-of-00002"]
+    hosts = [reader([0]), reader([1])]
+    for index, host in enumerate(hosts):
+        host.restore({name: files for name, files in state.items()
+                      if name == pipeline.shard_name(index, 2)})
+    for _ in range(8):  # Past the 45 documents' first epoch.
+        expected = next(uninterrupted)
+        rows = [next(host) for host in hosts]
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), expected[key])
 
 
 def test_last_batch_is_padded_with_zero_rows(docs):
@@ -161,5 +226,5 @@ def test_bad_lengths_name_the_key(lengths, key):
 
 def test_sharded_shuffling_without_a_seed_is_rejected(docs):
     with pytest.raises(ValueError, match="needs a seed"):
-        pipeline.get_batches(TASK, "train", LENGTHS, 8, shuffle=True, seed=None, repeat=True,
-                             shard_index=0, num_shards=2)
+        pipeline.get_shard_batches(TASK, "train", LENGTHS, 8, shuffle=True, seed=None,
+                                   repeat=True, num_shards=2)

@@ -117,13 +117,14 @@ def test_objective_files_register_the_source_and_objective(objective):
 def test_objective_settings_come_from_gin():
     name = registered_name(["quickstart.gin", "objectives/ul2.gin"], [
         "objectives.UL2.denoisers = [{'rate': 3, 'noise_density': 0.3, "
-        "'mean_noise_span_length': 5.0}, {'rate': 1, 'prefix_lm': True, 'mode_token': '[S2S]'}]"])
+        "'mean_noise_span_length': 5.0}, {'rate': 1, 'prefix_lm': True, 'mode_token': '[S2S]'}]",
+        "objectives.UL2.concatenate_documents = False"])
     mixture = tasks.get_task_or_mixture(name)
     rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
     assert rates == {"stdlib_ul2.span5_density0.3": 3, "stdlib_ul2.s2s_prefix_lm": 1}
     chunking = tasks.get_task_or_mixture("stdlib_ul2.span5_density0.3").preprocessors[2]
     assert chunking.keywords == {"noise_density": 0.3, "mean_noise_span_length": 5.0,
-                                 "num_prefix_tokens": 0}
+                                 "num_prefix_tokens": 0, "concatenate_documents": False}
     tasks.register_task(source="stdlib", objective="ul2")  # Restore the built-in mixture.
 
 

@@ -1,20 +1,21 @@
-"""Multi-host training: two local processes of 4 CPU devices each, joined by jax.distributed
-on 127.0.0.1 with gloo collectives, train the tiny model through `python -m t5x_lite.train`'s
-path (launch.main). A SIGTERM to one of them during step 2 makes both save step 2 (each its
-own input position) and exit 143; rerun, they resume there and finish at step 3.
+"""Multi-host training through `python -m t5x_lite.train`'s path (launch.main): processes of
+CPU devices joined by jax.distributed on 127.0.0.1 with gloo collectives, 8 devices in all.
 
-The reference is one process of 8 devices on the same gin configuration. Reading the task in
-one process gives other batches than two hosts reading disjoint halves (seqio shards the
-documents before packing and shuffling), so the reference reads both halves itself (shard 0
-and shard 1 of 2, each of BATCH_SIZE / 2 rows) and concatenates them in process order, which
-is the global batch the two hosts assemble with make_array_from_process_local_data. Both
-runs train with plain SGD: the parameters then agree up to the order of float32 sums across
-processes (about 2e-7 relative after 3 steps). Adafactor (and Adam) divide by the root of the
-second moment, which turns that reduction-order noise on near-zero gradients into differences
-of 1e-3 relative after 3 steps; trainer_test bounds that for 8 devices against 1.
+The input stream is NUM_INPUT_SHARDS = 4 input shards, so the global batches must not depend
+on the process count. Two processes of 4 devices train; a SIGTERM to one of them during step 2
+makes both save step 2 (each the positions of its own two shards) and exit 143. Copies of
+that checkpoint then resume on one process of 8 devices and on four processes of 2, and finish
+at step 3. The reference is one process of 8 devices trained without a stop. Every global
+batch (train and validation) is digested after assembly, gathered from all processes, and
+must be identical across the runs; losses agree up to float32 reduction order. All runs train
+with plain SGD: the parameters then agree up to the order of float32 sums across processes
+(about 2e-7 relative after 3 steps). Adafactor (and Adam) divide by the root of the second
+moment, which turns that reduction-order noise on near-zero gradients into differences of
+1e-3 relative after 3 steps; trainer_test bounds that for 8 devices against 1.
 """
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,75 +30,44 @@ from tests import train_test
 
 REPO = train_test.REPO
 STEPS = 3
-TIMEOUT_S = 240
+NUM_INPUT_SHARDS = 4
+TIMEOUT_S = 300
 
-# Run in every process: records the first training batch of each shard it reads, then runs
-# the train entry point. "reference" reads both shards in one process (see module docstring)
-# and afterwards restores both runs' checkpoints into .npz files of parameters.
+# Run in every process: prints (from process 0) a digest of every global batch a train or eval
+# step receives, then runs the train entry point; process 1 sends itself SIGTERM before step
+# SIGTERM_AT_STEP_ON_PROCESS_1. "save_params" restores the runs' checkpoints into .npz files.
 DRIVER = textwrap.dedent("""
     import hashlib, os, signal, sys
     import gin, jax, numpy as np
     jax.config.update("jax_numpy_rank_promotion", "raise")
-    from t5x_lite import eval as eval_lib, launch, models, partitioning, train
-    from t5x_lite.data import pipeline
+    from jax.experimental import multihost_utils
+    from t5x_lite import eval as eval_lib, launch, models, partitioning, trainer
 
-    class FirstReported:  # Training batches that print a digest of their first batch.
+    def digest(batch):  # Of the global arrays, gathered from every process.
+        hasher = hashlib.sha1()
+        for key in sorted(batch):
+            hasher.update(np.asarray(multihost_utils.process_allgather(
+                batch[key], tiled=True)).tobytes())
+        return hasher.hexdigest()[:16]
 
-        def __init__(self, shard_index, batches):
-            self.shard_index, self.batches, self.reported = shard_index, batches, False
-            self.taken = 0
+    def digesting(compile_step, kind):
+        def compile(self):
+            step = compile_step(self)
 
-        def __iter__(self):
-            return self
+            def run(state_or_params, batch):
+                label = kind
+                if kind == "train":
+                    label = f"train {int(state_or_params.step) + 1}"
+                    if (int(state_or_params.step) + 1 == int(os.environ.get(
+                            "SIGTERM_AT_STEP_ON_PROCESS_1", 0)) and jax.process_index() == 1):
+                        os.kill(os.getpid(), signal.SIGTERM)  # As a preempted host gets it.
+                line = f"global batch {label} {digest(batch)}"
+                if jax.process_index() == 0:
+                    print(line, flush=True)
+                return step(state_or_params, batch)
 
-        def __next__(self):
-            batch = next(self.batches)
-            self.taken += 1
-            if self.taken == int(os.environ.get("SIGTERM_AT_STEP_ON_PROCESS_1", 0)) and \
-                    jax.process_index() == 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # As a preempted host receives it.
-            if not self.reported:
-                digest = hashlib.sha1(batch["encoder_input_tokens"].tobytes()).hexdigest()[:16]
-                print("first train batch of shard", self.shard_index, digest, flush=True)
-                self.reported = True
-            return batch
-
-        def state(self):
-            return self.batches.state()
-
-        def restore(self, state):
-            self.batches.restore(state)
-
-    def host_train_batches(self, seed):
-        return FirstReported(jax.process_index(), read_own_shard(self, seed))
-
-    def two_shard_batches(self, split, *, shuffle, seed, repeat, pack=None):
-        # Evaluation batches as the two hosts' global batches: both shards' halves.
-        shards = [pipeline.get_batches(
-            self.mixture_or_task_name, split, dict(self.task_feature_lengths),
-            self.batch_size // 2, shuffle=shuffle, seed=seed, repeat=repeat,
-            pack=self.pack if pack is None else pack, shard_index=index, num_shards=2)
-            for index in range(2)]
-        for rows in zip(*shards):
-            yield {key: np.concatenate([row[key] for row in rows]) for key in rows[0]}
-
-    class TwoShards:  # Both hosts' shards in one process, each batch the two halves.
-
-        def __init__(self, data, seed):
-            self.shards = [FirstReported(index, pipeline.TrainBatches(pipeline.get_dataset(
-                data.mixture_or_task_name, "train", dict(data.task_feature_lengths),
-                data.batch_size // 2, shuffle=True, seed=seed, repeat=True, pack=data.pack,
-                shard_index=index, num_shards=2))) for index in range(2)]
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            rows = [next(shard) for shard in self.shards]
-            return {key: np.concatenate([row[key] for row in rows]) for key in rows[0]}
-
-        def state(self):
-            return self.shards[0].state()  # The reference run never resumes.
+            return run
+        return compile
 
     def save_params(model_dir, devices, path):
         mesh = partitioning.create_mesh(partitioning.MeshConfig(), devices)
@@ -108,21 +78,17 @@ DRIVER = textwrap.dedent("""
                           in jax.tree_util.tree_leaves_with_path(params)})
 
     mode, out_dir, flags = sys.argv[1], sys.argv[2], sys.argv[4:]
-    read_own_shard = train.DataConfig.train_batches
-    if mode == "host":
-        train.DataConfig.train_batches = host_train_batches
-    else:
-        train.DataConfig.train_batches = lambda self, seed: TwoShards(self, seed)
-        train.DataConfig.batches = two_shard_batches
+    trainer.Trainer.compile_train_step = digesting(trainer.Trainer.compile_train_step, "train")
+    trainer.Trainer.compile_eval_step = digesting(trainer.Trainer.compile_eval_step, "eval")
     launch.main("t5x_lite.train.run", "multihost test", flags)
-    if mode == "reference":
-        save_params(f"{out_dir}/reference", jax.devices(), f"{out_dir}/reference.npz")
-        save_params(f"{out_dir}/two_hosts", jax.devices(), f"{out_dir}/two_hosts_on_8.npz")
-        save_params(f"{out_dir}/two_hosts", jax.devices()[:1], f"{out_dir}/two_hosts_on_1.npz")
+    if mode == "save_params":
+        for run in ("reference", "on_1", "on_4"):
+            save_params(f"{out_dir}/{run}", jax.devices(), f"{out_dir}/{run}_on_8.npz")
+        save_params(f"{out_dir}/on_1", jax.devices()[:1], f"{out_dir}/on_1_on_1.npz")
 """)
 
 
-def train_flags(tmp_path, model_dir: str) -> list[str]:
+def train_flags(tmp_path, model_dir: str, extra: tuple[str, ...] = ()) -> list[str]:
     """The tiny model on a byte-vocabulary text task that gin registers in every process."""
     corpus = train_test.SENTENCES
     (tmp_path / "train.txt").write_text("\n".join(corpus * 50) + "\n")
@@ -134,9 +100,10 @@ def train_flags(tmp_path, model_dir: str) -> list[str]:
                  f"tasks.register_text_task.files = ['{tmp_path / 'train.txt'}']",
                  f"tasks.register_text_task.validation_files = ['{tmp_path / 'validation.txt'}']",
                  "tasks.register_text_task.vocabulary = @vocab.byte_vocabulary()",
-                 f"CHECKPOINT_PERIOD = {STEPS}", f"EVAL_PERIOD = {STEPS}", "EVAL_STEPS = 1",
+                 f"NUM_INPUT_SHARDS = {NUM_INPUT_SHARDS}",
+                 f"CHECKPOINT_PERIOD = {STEPS}", f"EVAL_PERIOD = {STEPS}", "EVAL_STEPS = 2",
                  "LOG_PERIOD = 1", "import optax", "import t5x_lite.train",
-                 "t5x_lite.train.run.optimizer = @optax.sgd"]  # See the module docstring.
+                 "t5x_lite.train.run.optimizer = @optax.sgd", *extra]  # See the docstring.
     return ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/pretrain.gin",
             *(f"--gin_bindings={line}" for line in bindings)]
 
@@ -161,25 +128,27 @@ def failure(name: str, returncode: int, stderr: str) -> str:
     return f"{name} exited with {returncode}; stderr tail:\n{stderr[-3000:]}"
 
 
-def run_two_hosts(tmp_path, sigterm_at_step: int = 0, status: int = 0) -> list[str]:
-    """Both processes' stdout, after they train and checkpoint together and exit with
-    `status`; with `sigterm_at_step`, process 1 receives SIGTERM while taking that step's
-    batch. One failing stops the other, which would otherwise wait for its partner until
-    the timeout."""
+def run_hosts(tmp_path, model_dir: str, num_processes: int, sigterm_at_step: int = 0,
+              status: int = 0, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), after they train together over 8 devices and exit
+    with `status`; with `sigterm_at_step`, process 1 receives SIGTERM before that step. One
+    failing stops the others, which would otherwise wait for it until the timeout."""
     address = f"127.0.0.1:{free_port()}"
-    # Each process stands for a slice: the data axis spans both over the (here local) DCN.
-    flags = [*train_flags(tmp_path, "two_hosts"),
-             "--gin_bindings=partitioning.MeshConfig.dcn_data = 2"]
-    logs = [(tmp_path / f"process_{i}.out", tmp_path / f"process_{i}.err") for i in range(2)]
+    # Each process stands for a slice: the data axis spans them over the (here local) DCN.
+    flags = [*train_flags(tmp_path, model_dir, extra),
+             f"--gin_bindings=partitioning.MeshConfig.dcn_data = {num_processes}"]
+    logs = [(tmp_path / f"{model_dir}_{i}.out", tmp_path / f"{model_dir}_{i}.err")
+            for i in range(num_processes)]
     processes = []
     for index, (out, err) in enumerate(logs):
         with open(out, "w") as stdout, open(err, "w") as stderr:
             processes.append(subprocess.Popen(
                 driver_command("host", tmp_path, [
-                    *flags, f"--coordinator_address={address}", "--num_processes=2",
-                    f"--process_id={index}"]),
+                    *flags, f"--coordinator_address={address}",
+                    f"--num_processes={num_processes}", f"--process_id={index}"]),
                 cwd=REPO, stdout=stdout, stderr=stderr, env={
-                    **environment(4), "SIGTERM_AT_STEP_ON_PROCESS_1": str(sigterm_at_step)}))
+                    **environment(8 // num_processes),
+                    "SIGTERM_AT_STEP_ON_PROCESS_1": str(sigterm_at_step)}))
     deadline = time.monotonic() + TIMEOUT_S
     while (time.monotonic() < deadline and any(p.poll() is None for p in processes)
            and not any(p.poll() not in (None, status) for p in processes)):
@@ -192,64 +161,90 @@ def run_two_hosts(tmp_path, sigterm_at_step: int = 0, status: int = 0) -> list[s
                 for index, (process, (_, err)) in enumerate(zip(processes, logs))
                 if process.returncode != status]
     assert not failures, "\n".join(failures)
-    return [out.read_text() for out, _ in logs]
+    return [(out.read_text(), err.read_text()) for out, err in logs]
 
 
-def first_batches(stdout: str) -> dict[int, str]:
-    words = [line.split() for line in stdout.splitlines()
-             if line.startswith("first train batch of shard")]
-    return {int(w[-2]): w[-1] for w in words}
+def global_batches(stdout: str) -> list[tuple[str, str]]:
+    """(label, digest) of every global batch, in order: ("train 2", ...), ("eval", ...)."""
+    return [(" ".join(line.split()[2:-1]), line.split()[-1]) for line in stdout.splitlines()
+            if line.startswith("global batch ")]
 
 
-def test_two_hosts_match_one_host_and_checkpoint_restores_anywhere(tmp_path):
-    host_outputs = run_two_hosts(tmp_path, sigterm_at_step=2, status=128 + 15)
+def test_global_batches_and_resumes_do_not_depend_on_the_process_count(tmp_path):
+    stopped = run_hosts(tmp_path, "two_hosts", 2, sigterm_at_step=2, status=128 + 15)
     saved = tmp_path / "two_hosts" / "checkpoints" / "2"
     assert f"Stopped by a signal on another process after step 2: checkpoint saved in " \
-           f"{saved}" in host_outputs[0]
-    assert {"process_0-of-2", "process_1-of-2"} <= set(os.listdir(saved / "data"))
-    resumed = run_two_hosts(tmp_path)
-    assert "Resuming from checkpoint at step 2." in resumed[0]
-    reference = subprocess.run(driver_command("reference", tmp_path,
-                                              train_flags(tmp_path, "reference")),
-                               cwd=REPO, env=environment(8), capture_output=True, text=True,
-                               timeout=TIMEOUT_S)
+           f"{saved}" in stopped[0][0]
+    assert sorted(path.name for path in (saved / "data").iterdir() if path.is_dir()) == [
+        f"shard_{i:05d}-of-{NUM_INPUT_SHARDS:05d}" for i in range(NUM_INPUT_SHARDS)]
+    for run in ("on_1", "on_4"):
+        shutil.copytree(tmp_path / "two_hosts", tmp_path / run)
+    resumed_on_4 = run_hosts(tmp_path, "on_4", 4)[0][0]
+    on_1 = subprocess.run(driver_command("host", tmp_path, train_flags(tmp_path, "on_1")),
+                          cwd=REPO, env=environment(8), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert on_1.returncode == 0, failure("on_1", on_1.returncode, on_1.stderr)
+    reference = subprocess.run(
+        driver_command("save_params", tmp_path, train_flags(tmp_path, "reference")),
+        cwd=REPO, env=environment(8), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert reference.returncode == 0, failure("reference", reference.returncode,
                                               reference.stderr)
 
-    # Process 0 alone speaks and writes metrics; each process read its own shard, the same
-    # rows the reference read for that shard.
-    assert "Process 0 of 2: 4 local devices, 8 devices in all" in host_outputs[0]
-    assert "Mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}." in host_outputs[0]
-    assert f"Finished at step {STEPS}" in resumed[0]
-    assert "Process" not in host_outputs[1] and "step" not in host_outputs[1]
-    shards = {**first_batches(host_outputs[0]), **first_batches(host_outputs[1])}
-    assert sorted(shards) == [0, 1] and shards[0] != shards[1]
-    assert first_batches(reference.stdout) == shards
+    # Process 0 alone speaks; each run resumed the two processes' step 2.
+    assert "Process 0 of 2: 4 local devices, 8 devices in all" in stopped[0][0]
+    assert "Mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}." in stopped[0][0]
+    assert "Process" not in stopped[1][0] and "step" not in stopped[1][0]
+    for output in (resumed_on_4, on_1.stdout):
+        assert "Resuming from checkpoint at step 2." in output
+        assert f"Finished at step {STEPS}" in output
+
+    # The same global batches at every step, whoever read them: validation at step 0 and
+    # train steps 1-2 on two processes, then train step 3 and validation at step 3 on one
+    # process or on four.
+    expected = global_batches(reference.stdout)
+    assert [label for label, _ in expected] == [
+        "eval", "eval", "train 1", "train 2", "train 3", "eval", "eval"]
+    assert global_batches(stopped[0][0]) == expected[:4]
+    assert global_batches(resumed_on_4) == global_batches(on_1.stdout) == expected[4:]
 
     # One metrics row per logged step (a second writer would double them; step 1, which
     # compiles, has no throughput), and the same losses.
-    two_hosts = train_test.metric_rows(tmp_path / "two_hosts", "train")
     one_host = train_test.metric_rows(tmp_path / "reference", "train")
-    assert [row["step"] for row in two_hosts] == list(range(1, STEPS + 1))
-    assert "tokens_per_second" not in two_hosts[0] and "tokens_per_second" in two_hosts[1]
-    np.testing.assert_allclose([r["loss"] for r in two_hosts], [r["loss"] for r in one_host],
-                               rtol=1e-5)
-    for split in ("validation",):
+    for run in ("on_1", "on_4"):
+        rows = train_test.metric_rows(tmp_path / run, "train")
+        assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+        assert "tokens_per_second" not in rows[0] and "tokens_per_second" in rows[1]
+        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in one_host],
+                                   rtol=1e-5)
         np.testing.assert_allclose(
-            [r["loss"] for r in train_test.metric_rows(tmp_path / "two_hosts", split)],
-            [r["loss"] for r in train_test.metric_rows(tmp_path / "reference", split)],
+            [r["loss"] for r in train_test.metric_rows(tmp_path / run, "validation")],
+            [r["loss"] for r in train_test.metric_rows(tmp_path / "reference", "validation")],
             rtol=1e-5)
 
-    # The two processes' checkpoint restores the same on 8 devices and on 1, and holds the
-    # reference's parameters up to float32 reduction order.
-    on_8, on_1 = (np.load(tmp_path / f"two_hosts_on_{n}.npz") for n in (8, 1))
-    expected = np.load(tmp_path / "reference.npz")
-    assert sorted(on_8.files) == sorted(on_1.files) == sorted(expected.files)
-    for name in expected.files:
-        np.testing.assert_array_equal(on_8[name], on_1[name], err_msg=name)
-        scale = np.max(np.abs(expected[name]))
-        np.testing.assert_array_less(np.max(np.abs(on_8[name] - expected[name])),
-                                     1e-5 * scale + 1e-30, err_msg=name)
+    # The resumed runs' checkpoints restore the same on 8 devices and on 1, and hold the
+    # uninterrupted run's parameters up to float32 reduction order.
+    expected_params = np.load(tmp_path / "reference_on_8.npz")
+    runs = {name: np.load(tmp_path / f"{name}.npz") for name in ("on_1_on_8", "on_1_on_1",
+                                                                  "on_4_on_8")}
+    for name in expected_params.files:
+        np.testing.assert_array_equal(runs["on_1_on_8"][name], runs["on_1_on_1"][name])
+        scale = np.max(np.abs(expected_params[name]))
+        for run in ("on_1_on_8", "on_4_on_8"):
+            np.testing.assert_array_less(np.max(np.abs(runs[run][name] - expected_params[name])),
+                                         1e-5 * scale + 1e-30, err_msg=f"{run} {name}")
+
+
+def test_a_process_count_that_does_not_divide_the_input_shards_names_the_ones_that_do(
+        tmp_path):
+    outputs = run_hosts(tmp_path, "two_hosts", 2, status=2, extra=("NUM_INPUT_SHARDS = 1",))
+    for _, stderr in outputs:
+        lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert lines == [
+            "error: NUM_INPUT_SHARDS = 1 does not divide over the 2 processes that "
+            "hold distinct rows of each batch: run on a process count that divides it (1), or "
+            "bind NUM_INPUT_SHARDS to a multiple of 2 (another input stream: a run with "
+            "checkpoints then resumes only with RESUME_WITHOUT_INPUT_POSITION = True)"], stderr
+    assert not (tmp_path / "two_hosts").exists() or not os.listdir(tmp_path / "two_hosts")
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import faults
+from t5x_lite import partitioning
 from t5x_lite import trainer as trainer_lib
 from tests import train_test
 from tests.finetune_test import newest_params
@@ -23,7 +24,8 @@ def poisoned(monkeypatch, task_name):  # noqa: F811
     batch (recognised by its tokens), wherever in the run it arrives."""
     from t5x_lite import train
     data = train.DataConfig(task_name, {"inputs": 32, "targets": 8}, 8)
-    batches = data.train_batches(seed=0)
+    batches = data.batches("train", partitioning.create_mesh(partitioning.MeshConfig()),
+                           shuffle=True, seed=0, repeat=True)
     for _ in range(POISONED_STEP):
         target = jnp.asarray(next(batches)["encoder_input_tokens"])
     original = trainer_lib.Trainer._accumulated_grads

@@ -82,7 +82,7 @@ def test_loss_falls_and_rerun_resumes(task_name, tmp_path, capsys):
     assert "Training already finished: checkpoint at step 20" in capsys.readouterr().out
 
     # The checkpoint holds the input position (exact resume: tests/preemption_test.py).
-    assert "process_0-of-1" in os.listdir(tmp_path / "checkpoints" / "20" / "data")
+    assert (tmp_path / "checkpoints" / "20" / "data" / "shard_00000-of-00001").is_dir()
 
     # Evaluation restores the newest checkpoint and reproduces the in-training eval exactly.
     scores = eval_in_process(tmp_path)

@@ -2,6 +2,15 @@
 (`gin/objectives/*.gin`) and which lists the seqio preprocessors that turn tokenized documents
 into `{"inputs", "targets"}` examples. `tasks.py` puts tokenization before them and EOS after.
 
+Every objective cuts as T5 does by default: the documents' tokens are concatenated into one
+stream, then cut into chunks of the length the objective computes from the requested lengths
+(568 tokens for span corruption at 512 / 114), so every example is full whatever the documents'
+lengths. T5 first keeps one random window of at most 65,536 tokens per document
+(`select_random_chunk`); we keep whole documents, which is the same for every document under
+that size and, for longer ones, reads all of their text rather than a window of it.
+`concatenate_documents=False` cuts each document on its own instead: chunks never cross a
+document's end, and short documents give short examples.
+
 UL2 (Tay et al. 2022) is a mixture: one task per denoiser, sampled at the denoiser's rate, so
 the rates hold exactly per example and each denoiser cuts documents to the lengths it needs.
 """
@@ -27,6 +36,7 @@ class SpanCorruption:
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     mode_token: str | None = None
+    concatenate_documents: bool = True
     name: ClassVar[str] = "span_corruption"
 
     def __post_init__(self):
@@ -37,7 +47,8 @@ class SpanCorruption:
                      mean_noise_span_length=self.mean_noise_span_length)
         num_prefix_tokens, mode_steps = _mode_token_steps(self.mode_token)
         return [functools.partial(preprocessors.split_tokens_for_span_corruption, **noise,
-                                  num_prefix_tokens=num_prefix_tokens),
+                                  num_prefix_tokens=num_prefix_tokens,
+                                  concatenate_documents=self.concatenate_documents),
                 functools.partial(preprocessors.span_corruption, **noise), *mode_steps]
 
 
@@ -47,12 +58,14 @@ class PrefixLM:
     S-denoiser."""
 
     mode_token: str | None = None
+    concatenate_documents: bool = True
     name: ClassVar[str] = "prefix_lm"
 
     def preprocessors(self) -> list:
         num_prefix_tokens, mode_steps = _mode_token_steps(self.mode_token)
         return [functools.partial(preprocessors.split_tokens_for_prefix_lm,
-                                  num_prefix_tokens=num_prefix_tokens),
+                                  num_prefix_tokens=num_prefix_tokens,
+                                  concatenate_documents=self.concatenate_documents),
                 functools.partial(preprocessors.prefix_lm, num_prefix_tokens=num_prefix_tokens),
                 *mode_steps]
 
@@ -69,6 +82,7 @@ class BartNoise:
     sentence_permutation: bool = True
     document_rotation: bool = False
     sentence_end_chars: str = ".!?\n"
+    concatenate_documents: bool = True
     name: ClassVar[str] = "bart"
 
     def __post_init__(self):
@@ -76,8 +90,10 @@ class BartNoise:
                                       self.token_masking_rate, self.token_deletion_rate)
 
     def preprocessors(self) -> list:
-        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return [preprocessors.split_tokens_for_bart,
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                    if field.name != "concatenate_documents"}
+        return [functools.partial(preprocessors.split_tokens_for_bart,
+                                  concatenate_documents=self.concatenate_documents),
                 functools.partial(preprocessors.bart_noise, **settings)]
 
 
@@ -95,7 +111,8 @@ _SPAN_KEYS = frozenset({"rate", "mode_token", "noise_density", "mean_noise_span_
 _PREFIX_LM_KEYS = frozenset({"rate", "mode_token", "prefix_lm"})
 
 
-def _denoiser(index: int, settings: Mapping) -> tuple[str, float, SpanCorruption | PrefixLM]:
+def _denoiser(index: int, settings: Mapping, concatenate_documents: bool
+              ) -> tuple[str, float, SpanCorruption | PrefixLM]:
     """(label, rate, objective) of one UL2 denoiser given as a dict (see DEFAULT_UL2_DENOISERS)."""
     where = f"UL2 denoiser {index} ({dict(settings)})"
     allowed = _PREFIX_LM_KEYS if settings.get("prefix_lm") else _SPAN_KEYS
@@ -113,9 +130,9 @@ def _denoiser(index: int, settings: Mapping) -> tuple[str, float, SpanCorruption
     # Task names allow only word characters and dots: "[NLU]" -> "nlu_".
     mode = re.sub(r"\W", "", mode_token).lower() + "_" if mode_token else ""
     if settings.get("prefix_lm"):
-        return f"{mode}prefix_lm", rate, PrefixLM(mode_token)
+        return f"{mode}prefix_lm", rate, PrefixLM(mode_token, concatenate_documents)
     objective = SpanCorruption(settings["noise_density"], settings["mean_noise_span_length"],
-                               mode_token)
+                               mode_token, concatenate_documents)
     label = (f"{mode}span{objective.mean_noise_span_length:g}_"
              f"density{objective.noise_density:g}")
     return label, rate, objective
@@ -125,9 +142,11 @@ def _denoiser(index: int, settings: Mapping) -> tuple[str, float, SpanCorruption
 class UL2:
     """The mixture of denoisers: each dict names a `rate` (relative; normalised over the
     denoisers), an optional `mode_token`, and either `prefix_lm: True` (S-denoiser) or a
-    `noise_density` and `mean_noise_span_length` (R- and X-denoisers)."""
+    `noise_density` and `mean_noise_span_length` (R- and X-denoisers). Each denoiser cuts
+    its own stream to its own chunk length; `concatenate_documents` applies to all of them."""
 
     denoisers: Sequence[Mapping] = DEFAULT_UL2_DENOISERS
+    concatenate_documents: bool = True
     name: ClassVar[str] = "ul2"
 
     def __post_init__(self):
@@ -140,7 +159,7 @@ class UL2:
         "nlu_span3_density0.15" or "s2s_prefix_lm"."""
         components, seen = [], {}
         for index, settings in enumerate(self.denoisers):
-            label, rate, objective = _denoiser(index, settings)
+            label, rate, objective = _denoiser(index, settings, self.concatenate_documents)
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:
                 label = f"{label}_{seen[label]}"

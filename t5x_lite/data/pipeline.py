@@ -1,6 +1,10 @@
-"""Task -> encoder-decoder features (packed or not) -> fixed-shape NumPy batches for one host.
-Each host reads a disjoint shard of the documents; assembling global arrays and saving the
-iterator position are left to the trainer.
+"""Task -> encoder-decoder features (packed or not) -> fixed-shape NumPy batches.
+
+The input stream of a run is a fixed number of input shards (disjoint shares of the documents,
+each its own tf.data pipeline): the global batch is their batches concatenated in shard order,
+so it is the same whatever the number of hosts that read them. Each host reads the shards whose
+rows its devices hold; each shard's position is saved by name, so a checkpoint resumes on any
+host count that divides the shard count. Assembling global arrays is left to the trainer.
 
 Batch keys (all int32): encoder_* [B, L] with L = task_feature_lengths["inputs"] and
 decoder_* [B, T] with T = task_feature_lengths["targets"].
@@ -8,7 +12,7 @@ decoder_* [B, T] with T = task_feature_lengths["targets"].
 import os
 import pathlib
 import tempfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import seqio
@@ -61,18 +65,19 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
                 pack: bool = True, shard_index: int = 0, num_shards: int = 1
                 ) -> tf.data.Dataset:
-    """The tf.data pipeline behind `get_batches`, yielding batches of int32 tensors."""
+    """One input shard's tf.data pipeline (shard `shard_index` of `num_shards`, `batch_size`
+    rows a batch), yielding batches of int32 tensors."""
     check_lengths(task_feature_lengths)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
     if shuffle and seed is None and num_shards > 1:
-        raise ValueError("shuffling across num_shards > 1 hosts needs a seed: hosts must agree on "
-                         "the document order to read disjoint shards")
+        raise ValueError("shuffling num_shards > 1 input shards needs a seed: the shards must "
+                         "agree on the document order to be disjoint")
     provider = tasks.get_task_or_mixture(task_name)
     # Our sources list a single shard per split, so seqio shards the documents themselves before
-    # any preprocessing; hosts sharing a seed shuffle them alike, so their shards are disjoint.
+    # any preprocessing; shards sharing a seed shuffle them alike, so they are disjoint.
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
     dataset = provider.get_dataset(
         sequence_length=task_feature_lengths, split=split, shuffle=shuffle, seed=seed,
@@ -89,65 +94,113 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-class TrainBatches:
-    """An endless iterator over this host's training batches (NumPy, like get_batches) whose
-    position can be saved and restored exactly: `state()` is the tf.data iterator's state
-    (shuffle buffers, packing, prefetched batches) as {file name: bytes}, and
-    `restore(state)` puts a freshly built pipeline of the same settings at that position."""
+def shard_name(index: int, num_shards: int) -> str:
+    """Input shard `index` of `num_shards` as checkpoints name its saved position."""
+    return f"shard_{index:05d}-of-{num_shards:05d}"
 
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = iter(dataset)
+
+class ShardedBatches:
+    """An iterator over this host's rows of each global batch (NumPy, like get_batches): the
+    batches of the input shards it reads, concatenated in shard order.
+
+    Endless pipelines (training) must yield; a finite one (evaluation) that has run out
+    gives all-zero rows (zero loss weight) until every shard has, which ends the iteration.
+    `state()` is each shard's tf.data iterator state (shuffle buffers, carried tokens, packing,
+    prefetched batches) as {shard name: {file name: bytes}}; `restore(state)` puts freshly
+    built shards of the same settings at those positions.
+    """
+
+    def __init__(self, datasets: dict[str, tf.data.Dataset], endless: bool):
+        self._iterators = {name: iter(dataset) for name, dataset in datasets.items()}
+        self._zeros = {name: {key: np.zeros(spec.shape, spec.dtype.as_numpy_dtype)
+                              for key, spec in dataset.element_spec.items()}
+                       for name, dataset in datasets.items()}
+        self._endless = endless
+        self._exhausted = set()
 
     def __iter__(self):
         return self
 
+    def _next_rows(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._exhausted:
+            batch = next(self._iterators[name], None)
+            if batch is not None:
+                return {key: value.numpy() for key, value in batch.items()}
+            if self._endless:
+                raise ValueError("the training split yields no examples: its corpus is empty "
+                                 "or every document is filtered out; check the task's source")
+            self._exhausted.add(name)
+        return self._zeros[name]
+
     def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._next_rows(name) for name in self._iterators]
+        if len(self._exhausted) == len(self._iterators):
+            raise StopIteration
+        return {key: np.concatenate([shard[key] for shard in rows]) for key in rows[0]}
+
+    def state(self) -> dict[str, dict[str, bytes]]:
+        return {name: _iterator_state(iterator) for name, iterator in self._iterators.items()}
+
+    def restore(self, state: dict[str, dict[str, bytes]]) -> None:
+        for name, iterator in self._iterators.items():
+            _restore_iterator(iterator, state[name])
+
+
+def _iterator_state(iterator) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as directory:
+        tf.train.Checkpoint(iterator=iterator).write(os.path.join(directory, "iterator"))
+        return {name: pathlib.Path(directory, name).read_bytes()
+                for name in os.listdir(directory)}
+
+
+def _restore_iterator(iterator, files: dict[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        for name, data in files.items():
+            pathlib.Path(directory, name).write_bytes(data)
         try:
-            batch = next(self._iterator)
-        except StopIteration:
-            raise ValueError("the training split yields no examples: its corpus is empty or "
-                             "every document is filtered out; check the task's source") from None
-        return {key: value.numpy() for key, value in batch.items()}
+            tf.train.Checkpoint(iterator=iterator).read(
+                os.path.join(directory, "iterator")).assert_consumed()
+        except (tf.errors.OpError, AssertionError, ValueError) as error:
+            raise ValueError(
+                "the input position saved in the checkpoint does not fit this pipeline "
+                f"({type(error).__name__}): resume with the task, lengths and batch size "
+                "that saved it, or use another MODEL_DIR") from None
 
-    def _checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(iterator=self._iterator)
 
-    def state(self) -> dict[str, bytes]:
-        with tempfile.TemporaryDirectory() as directory:
-            self._checkpoint().write(os.path.join(directory, "iterator"))
-            return {name: pathlib.Path(directory, name).read_bytes()
-                    for name in os.listdir(directory)}
-
-    def restore(self, state: dict[str, bytes]) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            for name, data in state.items():
-                pathlib.Path(directory, name).write_bytes(data)
-            try:
-                self._checkpoint().read(os.path.join(directory, "iterator")).assert_consumed()
-            except (tf.errors.OpError, AssertionError, ValueError) as error:
-                raise ValueError(
-                    "the input position saved in the checkpoint does not fit this pipeline "
-                    f"({type(error).__name__}): resume with the task, lengths and batch size "
-                    "that saved it, or use another MODEL_DIR") from None
+def get_shard_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
+                      batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
+                      pack: bool = True, num_shards: int = 1,
+                      shard_indices: Sequence[int] | None = None) -> ShardedBatches:
+    """This host's rows of each global batch of `batch_size` rows, read from `num_shards`
+    input shards: shard s gives rows [s * B / S, (s + 1) * B / S) of every batch. The host
+    reads `shard_indices` (default all; consecutive) and gets their rows. Other arguments as
+    `get_batches`; with `repeat` the iterator is endless and its position can be saved."""
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size {batch_size} does not split over {num_shards} input "
+                         f"shards: use a multiple of {num_shards}")
+    shard_indices = range(num_shards) if shard_indices is None else shard_indices
+    datasets = {shard_name(index, num_shards): get_dataset(
+        task_name, split, task_feature_lengths, batch_size // num_shards, shuffle=shuffle,
+        seed=seed, repeat=repeat, pack=pack, shard_index=index, num_shards=num_shards)
+        for index in shard_indices}
+    return ShardedBatches(datasets, endless=repeat)
 
 
 def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
-                pack: bool = True, shard_index: int = 0, num_shards: int = 1
-                ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's batches of `task_name`/`split` as int32 NumPy arrays keyed by BATCH_KEYS.
+                pack: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `task_name`/`split` read as one input shard, as int32 NumPy arrays keyed by
+    BATCH_KEYS.
 
     Args:
       task_feature_lengths: {"inputs": L, "targets": T}, tokens per row including EOS.
       batch_size: rows per batch on this host.
-      shuffle: shuffle files and examples; with `seed` (and the same `num_shards`) the batches,
-        including the span-corruption noise, are the same on every run.
+      shuffle: shuffle files and examples; with `seed` the batches, including the
+        span-corruption noise, are the same on every run.
       repeat: cycle forever; otherwise stop after one pass, padding the last batch with
         all-zero rows.
       pack: pack several examples per row; unpacked rows still carry segment ids (1 on
         tokens) and positions so the model sees one layout.
-      shard_index, num_shards: this host's disjoint share of the documents.
     """
     return get_dataset(task_name, split, task_feature_lengths, batch_size, shuffle=shuffle,
-                       seed=seed, repeat=repeat, pack=pack, shard_index=shard_index,
-                       num_shards=num_shards).as_numpy_iterator()
+                       seed=seed, repeat=repeat, pack=pack).as_numpy_iterator()

@@ -1,5 +1,5 @@
-"""Token-level tf.data preprocessors for the pretraining objectives: cutting documents into
-chunks that fit the requested lengths, T5 span corruption (Raffel et al. 2020, section 3.1.4),
+"""Token-level tf.data preprocessors for the pretraining objectives: cutting the documents'
+token stream into chunks that fit the requested lengths, T5 span corruption (Raffel et al. 2020, section 3.1.4),
 prefix-LM, BART noise (Lewis et al. 2020) and UL2 mode tokens (Tay et al. 2022).
 
 Every objective maps `{"targets": int [n]}` chunks to `{"inputs", "targets"}` and adds no EOS
@@ -167,12 +167,16 @@ def span_corruption(dataset: tf.data.Dataset, output_features: dict[str, seqio.F
                           mean_noise_span_length=mean_noise_span_length)
 
 
-def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int) -> tf.data.Dataset:
-    """Cuts each `{"targets": int [n]}` document into consecutive chunks of
-    `max_tokens_per_segment` tokens (the last one shorter) and drops chunks of fewer than 2
-    tokens, which cannot hold both a noise and a kept token. Other features are dropped."""
+def _check_segment_length(max_tokens_per_segment: int) -> None:
     if max_tokens_per_segment < 2:
         raise ValueError(f"max_tokens_per_segment must be >= 2, got {max_tokens_per_segment}")
+
+
+def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int) -> tf.data.Dataset:
+    """Cuts each `{"targets": int [n]}` document on its own into consecutive chunks of
+    `max_tokens_per_segment` tokens (the last one shorter) and drops chunks of fewer than 2
+    tokens, which cannot hold both a noise and a kept token. Other features are dropped."""
+    _check_segment_length(max_tokens_per_segment)
 
     def to_chunks(features):
         tokens = features["targets"]
@@ -184,18 +188,61 @@ def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int) -> tf.da
     return dataset.map(to_chunks, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def split_stream(dataset: tf.data.Dataset, max_tokens_per_segment: int) -> tf.data.Dataset:
+    """Concatenates the `{"targets": int [n]}` documents into one token stream and cuts it
+    into consecutive chunks of exactly `max_tokens_per_segment` tokens, so that every chunk
+    is full whatever the documents' lengths: T5's `reduce_concat_tokens` then `split_tokens`,
+    without T5's groups of 128 documents (each group ends in a short chunk, one in ten on short
+    documents). Only a finite stream's last chunk is shorter (dropped under 2 tokens); seqio
+    repeats a training split after this step, so that is one chunk per epoch. No separator
+    goes between documents, as in T5. Other features are dropped.
+
+    The carried tokens (fewer than a chunk) are the scan's state, which tf.data checkpoints
+    with the iterator, so a saved input position resumes mid-document exactly.
+    """
+    _check_segment_length(max_tokens_per_segment)
+    dtype = dataset.element_spec["targets"].dtype
+    end_of_stream = tf.data.Dataset.from_tensors((tf.zeros([0], dtype), True))
+    documents = dataset.map(lambda features: (features["targets"], False)).concatenate(
+        end_of_stream)
+
+    def cut(carried, document):
+        tokens, is_end = document
+        stream = tf.concat([carried, tokens], axis=0)
+        num_full = tf.size(stream) // max_tokens_per_segment
+        rest = tf.size(stream) - num_full * max_tokens_per_segment
+        num_tail = tf.cast(is_end & (rest >= 2), tf.int32)  # The end emits the last piece.
+        row_lengths = tf.concat([tf.fill([num_full], max_tokens_per_segment),
+                                 tf.fill([num_tail], rest)], axis=0)
+        chunks = tf.RaggedTensor.from_row_lengths(stream[:tf.reduce_sum(row_lengths)],
+                                                  row_lengths)
+        return stream[num_full * max_tokens_per_segment:], {"targets": chunks}
+
+    return documents.scan(tf.zeros([0], dtype), cut).unbatch()
+
+
+def split_documents(dataset: tf.data.Dataset, max_tokens_per_segment: int,
+                    concatenate_documents: bool) -> tf.data.Dataset:
+    """`split_stream` (T5's cut, every chunk full) or, with `concatenate_documents` False,
+    `split_tokens` (chunks never cross a document's end; short documents give short
+    examples)."""
+    cut = split_stream if concatenate_documents else split_tokens
+    return cut(dataset, max_tokens_per_segment)
+
+
 def split_tokens_for_span_corruption(dataset: tf.data.Dataset, sequence_length: dict[str, int],
                                      output_features: dict[str, seqio.Feature],
                                      noise_density: float = 0.15,
                                      mean_noise_span_length: float = 3.0,
-                                     num_prefix_tokens: int = 0) -> tf.data.Dataset:
-    """`split_tokens` to `span_corruption_chunk_length` (568 tokens for 512 inputs and 114
+                                     num_prefix_tokens: int = 0,
+                                     concatenate_documents: bool = True) -> tf.data.Dataset:
+    """`split_documents` to `span_corruption_chunk_length` (568 tokens for 512 inputs and 114
     targets at T5's noise), with no more spans than the vocabulary has sentinels."""
     max_spans = output_features["targets"].vocabulary.extra_ids
     tokens_length = span_corruption_chunk_length(sequence_length, noise_density,
                                                  mean_noise_span_length, max_spans,
                                                  num_prefix_tokens)
-    return split_tokens(dataset, tokens_length)
+    return split_documents(dataset, tokens_length, concatenate_documents)
 
 
 # --- Prefix-LM --------------------------------------------------------------------------------
@@ -211,11 +258,13 @@ def _prefix_lm_room(sequence_length: dict[str, int], num_prefix_tokens: int) -> 
 
 
 def split_tokens_for_prefix_lm(dataset: tf.data.Dataset, sequence_length: dict[str, int],
-                               num_prefix_tokens: int = 0) -> tf.data.Dataset:
-    """`split_tokens` to max(prefix room, continuation room) tokens: chunks as long as the
+                               num_prefix_tokens: int = 0,
+                               concatenate_documents: bool = True) -> tf.data.Dataset:
+    """`split_documents` to max(prefix room, continuation room) tokens: chunks as long as the
     longer feature, so that `prefix_lm` has a range of split points that both sides fit
-    (inputs 512 / targets 114: 510-token chunks split after token 397 to 509)."""
-    return split_tokens(dataset, max(_prefix_lm_room(sequence_length, num_prefix_tokens)))
+    (inputs 512 / targets 114: 511-token chunks split after token 398 to 510)."""
+    return split_documents(dataset, max(_prefix_lm_room(sequence_length, num_prefix_tokens)),
+                           concatenate_documents)
 
 
 @seqio.map_over_dataset(num_seeds=1)
@@ -275,15 +324,15 @@ def check_bart_args(text_infilling_rate: float, poisson_lambda: float,
         raise ValueError(f"poisson_lambda must be > 0, got {poisson_lambda}")
 
 
-def split_tokens_for_bart(dataset: tf.data.Dataset,
-                          sequence_length: dict[str, int]) -> tf.data.Dataset:
-    """`split_tokens` to chunks that fit both features plus EOS: the targets are the chunk and
+def split_tokens_for_bart(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+                          concatenate_documents: bool = True) -> tf.data.Dataset:
+    """`split_documents` to chunks that fit both features plus EOS: the targets are the chunk and
     the noised inputs are no longer than it (except for rare zero-length infilling spans)."""
     tokens_length = min(sequence_length["inputs"], sequence_length["targets"]) - 1
     if tokens_length < 2:
         raise ValueError(f"{_describe_lengths(sequence_length)} are too short for BART noise: "
                          "it needs inputs >= 3 and targets >= 3")
-    return split_tokens(dataset, tokens_length)
+    return split_documents(dataset, tokens_length, concatenate_documents)
 
 
 def sentence_end_ids(vocabulary: seqio.Vocabulary, sentence_end_chars: str) -> np.ndarray:
