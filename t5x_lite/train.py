@@ -424,7 +424,8 @@ def train_batches(data: DataConfig, mesh, seed: int, start_step: int,
         fix = (f"{plural(saved_count, 'input shard')}, this run reads NUM_INPUT_SHARDS = "
                f"{data.num_input_shards}: bind NUM_INPUT_SHARDS = {saved_count} to resume "
                f"exactly, or bind {anew}" if saved_count else
-               f"{len(saved)} processes, as an earlier t5x_lite saved them: bind {anew}")
+               f"each process, as an earlier t5x_lite saved them ({', '.join(saved)}): "
+               f"bind {anew}")
         raise ValueError(f"checkpoint {manager.directory}/{start_step} holds input positions "
                          f"for {fix}")
     else:

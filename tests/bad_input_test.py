@@ -214,6 +214,16 @@ def test_another_input_shard_count_is_not_a_damaged_checkpoint(model_dir, capsys
         "shard_00000-of-00002", "shard_00001-of-00002"]
 
 
+def test_positions_saved_per_process_by_an_earlier_version_name_the_way_on(model_dir, capsys):
+    data = model_dir / "checkpoints" / str(FIRST_STEPS) / "data"
+    os.rename(data / "shard_00000-of-00001", data / "process_0-of-1")
+    line = check_train_refuses(capsys, model_dir)
+    assert line == (f"error: checkpoint {model_dir / 'checkpoints'}/{FIRST_STEPS} holds input "
+                    "positions for each process, as an earlier t5x_lite saved them "
+                    "(process_0-of-1): bind RESUME_WITHOUT_INPUT_POSITION = True to resume its "
+                    "parameters and optimizer state on a new input stream")
+
+
 def test_model_dir_not_writable(capsys, task_name, tmp_path):  # noqa: F811
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where MODEL_DIR's parent should be")
