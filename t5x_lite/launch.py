@@ -217,11 +217,13 @@ def bad_input_exits(argv: list[str] | None = None) -> Iterator[list[str]]:
             sys.exit(2)
         # The line is the whole answer: TensorStore reads abandoned by a failed restore print
         # tracebacks from a closed event loop at any moment until Python exits, so stderr
-        # goes to /dev/null first and the line to the terminal's own descriptor.
+        # goes to /dev/null first and the line to the terminal's own descriptor. One of those
+        # tracebacks may be cut mid-line by the switch: a newline first puts the line at the
+        # start of its own line.
         sys.stderr.flush()
         terminal = os.dup(sys.stderr.fileno())
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-        os.write(terminal, line.encode())
+        os.write(terminal, ("\n" + line).encode())
         sys.exit(2)
 
 
