@@ -5,24 +5,34 @@ the model's output, the truth).
 
   python -m t5x_lite.eval --gin_file=gin/quickstart.gin
 """
-import os
+from t5x_lite import startup
 
-import gin
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
+# Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
+# with one line at any moment (startup.py).
+startup.begin(__name__, "nothing more was evaluated; rerun the same command to evaluate")
 
-from t5x_lite import checkpoints
-from t5x_lite import evaluation
-from t5x_lite import launch
-from t5x_lite import metrics_io
-from t5x_lite import models
-from t5x_lite import moe
-from t5x_lite import partitioning
-from t5x_lite import train
-from t5x_lite import trainer as trainer_lib
-from t5x_lite.data import tasks
-from t5x_lite.data import vocab
+import os  # noqa: E402
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from t5x_lite import checkpoints  # noqa: E402
+from t5x_lite import evaluation  # noqa: E402
+from t5x_lite import launch  # noqa: E402
+from t5x_lite import metrics_io  # noqa: E402
+from t5x_lite import models  # noqa: E402
+from t5x_lite import moe  # noqa: E402
+from t5x_lite import partitioning  # noqa: E402
+from t5x_lite import train  # noqa: E402
+from t5x_lite import trainer as trainer_lib  # noqa: E402
+from t5x_lite.data import tasks  # noqa: E402
+from t5x_lite.data import vocab  # noqa: E402
+
+
+# t5x_lite.eval's metrics.jsonl and TensorBoard files, under MODEL_DIR.
+EVAL_DIR = "eval"
 
 
 def restore_model(model_config: models.T5Config, model_dir: str, mesh,
@@ -89,6 +99,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     rules = mesh_config.rules
     model, step, params = restore_model(model_config, model_dir, mesh, rules)
+    data = data.as_trained(model_dir)
     # After the restore, so a missing checkpoint is reported before any vocabulary training.
     train.check_vocabulary(model_config, data)
     eval_step = trainer_lib.compile_eval_step(
@@ -104,7 +115,9 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
         values = task_metrics(model, params, data, mesh, rules, step, metrics_examples, decode)
         train.say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
         scores.update(values)
-    metrics_io.MetricsWriter(model_dir).write(step, scores, "validation")
+    # Apart from the training run's rows, which already hold its own evaluations.
+    metrics_io.MetricsWriter(os.path.join(model_dir, EVAL_DIR)).write(step, scores,
+                                                                     "validation")
     headings = (("example", "input", "model output", "target") if supervised else
                 ("infilling", "input (spans masked)", "model fill", "true fill"))
     for index, (masked, predicted, truth) in enumerate(

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from t5x_lite import partitioning
+from t5x_lite import startup
 
 # What training does after a non-finite step (t5x_lite.train.LoopConfig.nan_policy).
 NAN_POLICIES = ("stop", "skip", "rollback")
@@ -27,6 +28,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
+            startup.hand_over()
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._record)
         return self

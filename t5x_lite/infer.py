@@ -8,25 +8,31 @@ score (and target, for a task split).
 
 The output appears only once complete (written beside it, then renamed).
 """
-import json
-import os
-from typing import Iterator
+from t5x_lite import startup
 
-import gin
-import jax
-import numpy as np
+# Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
+# with one line at any moment (startup.py).
+startup.begin(__name__, "no predictions were written; rerun the same command to decode")
 
-from t5x_lite import decoding
-from t5x_lite import eval as eval_lib
-from t5x_lite import evaluation
-from t5x_lite import launch
-from t5x_lite import models
-from t5x_lite import moe
-from t5x_lite import partitioning
-from t5x_lite import train
-from t5x_lite.data import pipeline
-from t5x_lite.data import tasks
-from t5x_lite.data import vocab
+import json  # noqa: E402
+import os  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from t5x_lite import decoding  # noqa: E402
+from t5x_lite import eval as eval_lib  # noqa: E402
+from t5x_lite import evaluation  # noqa: E402
+from t5x_lite import launch  # noqa: E402
+from t5x_lite import models  # noqa: E402
+from t5x_lite import moe  # noqa: E402
+from t5x_lite import partitioning  # noqa: E402
+from t5x_lite import train  # noqa: E402
+from t5x_lite.data import pipeline  # noqa: E402
+from t5x_lite.data import tasks  # noqa: E402
+from t5x_lite.data import vocab  # noqa: E402
 
 
 def read_inputs(path: str, input_field: str = "inputs") -> list[str]:
@@ -96,7 +102,8 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
         decode_options: dict | None = None, max_decode_length: int | None = None,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> int:
     """Writes predictions to `output_file` and returns how many. `max_decode_length`
-    defaults to the targets length of TASK_FEATURE_LENGTHS."""
+    defaults to the targets length of TASK_FEATURE_LENGTHS (the training run's, unless
+    bound)."""
     decoding.check_method(method)
     options = decoding.DecodeOptions(**(decode_options or {}))
     texts = read_inputs(input_file, input_field) if input_file else None
@@ -104,6 +111,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     model, step, params = eval_lib.restore_model(model_config, model_dir, mesh,
                                                  mesh_config.rules)
+    data = data.as_trained(model_dir)
     train.check_vocabulary(model_config, data)
     vocabulary = tasks.get_task_or_mixture(
         data.mixture_or_task_name).output_features["targets"].vocabulary

@@ -6,14 +6,20 @@ with sentinels as <extra_id_N> and UL2 mode tokens as themselves.
 
 Lengths default to TASK_FEATURE_LENGTHS of the gin files given, else 512 / 114.
 """
-import argparse
+from t5x_lite import startup
 
-import numpy as np
+# Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
+# with one line at any moment (startup.py).
+startup.begin(__name__, "rerun the same command to inspect the task")
 
-from t5x_lite import launch
-from t5x_lite.data import pipeline
-from t5x_lite.data import tasks
-from t5x_lite.data import vocab
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from t5x_lite import launch  # noqa: E402
+from t5x_lite.data import pipeline  # noqa: E402
+from t5x_lite.data import tasks  # noqa: E402
+from t5x_lite.data import vocab  # noqa: E402
 
 DEFAULT_LENGTHS = {"inputs": 512, "targets": 114}
 
@@ -57,13 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     launch.quiet_library_logs()
     with launch.bad_input_exits(argv) as argv:
         args = launch.parse_flags(argv, __doc__, _parser(), require_gin_file=False)
+        launch.import_modules(args.module_import)
         if args.gin_file:
             launch.parse_gin(args.gin_file, args.gin_bindings)
         task_name = args.task or launch.macro_value("MIXTURE_OR_TASK_NAME")
         if task_name is None:
             raise launch.UsageError("no task given: pass a task name (such as stdlib_ul2) or "
                                     "--gin_file=... defining MIXTURE_OR_TASK_NAME")
-        lengths = dict(launch.macro_value("TASK_FEATURE_LENGTHS", DEFAULT_LENGTHS))
+        lengths = dict(launch.macro_value("TASK_FEATURE_LENGTHS") or DEFAULT_LENGTHS)
         lengths.update({key: value for key, value in
                         (("inputs", args.inputs), ("targets", args.targets)) if value})
         if args.n < 1:

@@ -1,6 +1,6 @@
 """What every entry point shares: T5X-style flags (--gin_file, --gin.NAME=VALUE,
---gin_bindings, and the multi-host --coordinator_address / --num_processes / --process_id),
-gin parsing with the repository's gin/ folder on the search path, joining the jax.distributed
+--gin_bindings, --module_import, and the multi-host --coordinator_address / --num_processes /
+--process_id), gin parsing with the repository's gin/ folder on the search path, joining the jax.distributed
 system, and the rule that bad input ends the program with one line naming the fix and a
 non-zero status."""
 import argparse
@@ -19,8 +19,12 @@ import jax
 import sentencepiece
 from absl import logging as absl_logging
 
+from t5x_lite import gin_checks
+from t5x_lite import startup
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO_DIR, "gin")
+DEFAULTS_GIN = os.path.join(GIN_DIR, "defaults.gin")
 
 
 class UsageError(Exception):
@@ -37,6 +41,9 @@ def parse_flags(argv: list[str], description: str,
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="a gin binding such as \"TRAIN_STEPS = 100\" (repeatable)")
+    parser.add_argument("--module_import", action="append", default=[],
+                        help="a Python module to import first, such as one registering your "
+                        "own seqio tasks (repeatable; looked up from the current directory)")
     parser.add_argument(VERBOSE_FLAG, action="store_true", help=VERBOSE_HELP)
     # Read as strings and checked in distributed_settings, so bad values get our one line.
     parser.add_argument("--coordinator_address", help="multi-host: HOST:PORT of process 0 "
@@ -152,18 +159,42 @@ def add_repo_to_gin_search_path() -> None:
 
 
 def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
+    """Parses gin/defaults.gin (every macro's default), then `gin_files` in order, then the
+    command-line `gin_bindings`; slips (gin_checks.py) are UsageErrors naming the fix."""
     gin.clear_config()
     add_repo_to_gin_search_path()
-    gin_files = [resolve_gin_file(path) for path in gin_files]
-    gin_bindings = [BINDINGS_PREAMBLE, *gin_bindings]
+    gin_files = [DEFAULTS_GIN, *(resolve_gin_file(path) for path in gin_files)]
     # gin's package-resource reader logs an ERROR for every search path that lacks the file.
     logging.disable(logging.ERROR)
     try:
-        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+        gin.parse_config_files_and_bindings(gin_files, [BINDINGS_PREAMBLE, *gin_bindings],
+                                            finalize_config=False)
+        gin_checks.check_macros(gin_bindings)
+        gin.finalize()
+    except ModuleNotFoundError as error:  # a gin file's `import my_tasks`
+        raise UsageError(f"gin files import {error.name!r}, which is not on the Python path: "
+                         "run from the directory holding it, or add it to PYTHONPATH") from error
     except Exception as error:  # Gin raises many types (tokenize errors, IOError, ...).
-        raise UsageError(f"bad gin configuration: {first_line(error)}") from error
+        raise UsageError(gin_checks.explain(error)) from error
     finally:
         logging.disable(logging.NOTSET)
+
+
+def import_modules(names: list[str]) -> None:
+    """Imports the --module_import modules (a user's task registrations), found in the
+    current directory or on the Python path."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not name.startswith(error.name):
+                raise  # the module itself imports something missing: its traceback says what
+            raise UsageError(f"--module_import={name}: no module {name!r} in the current "
+                             "directory or on the Python path: run from the directory "
+                             f"holding {name.replace('.', '/')}.py, or add its directory to "
+                             "PYTHONPATH") from error
 
 
 # Gin reports a missing required binding as a RuntimeError; configs raise ValueError.
@@ -238,8 +269,11 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     quiet_library_logs()
     with bad_input_exits(argv) as argv:
         args = parse_flags(argv, description)
+        import_modules(args.module_import)
         parse_gin(args.gin_file, args.gin_bindings)
         start_distributed(args.distributed)
+        with startup.stderr_shown_only_on_failure():
+            jax.devices()  # A CUDA plugin without a GPU logs a cuInit error here.
         module_name, function_name = run_name.rsplit(".", 1)
         run = getattr(importlib.import_module(module_name), function_name)
         gin.get_configurable(run)()

@@ -20,14 +20,15 @@ class MetricsWriter:
     Only process 0 writes, so multi-host runs produce one file.
     """
 
-    def __init__(self, model_dir: str):
+    def __init__(self, directory: str):
         self._active = jax.process_index() == 0
         if not self._active:
             return
         import tensorflow as tf  # TensorBoard's writer; imported lazily as it is heavy.
-        self._path = os.path.join(model_dir, "metrics.jsonl")
+        os.makedirs(directory, exist_ok=True)
+        self._path = os.path.join(directory, "metrics.jsonl")
         self._summary_writers = {
-            split: tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", split))
+            split: tf.summary.create_file_writer(os.path.join(directory, "tensorboard", split))
             for split in ("train", "validation")}
         self._tf = tf
 

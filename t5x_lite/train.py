@@ -3,31 +3,54 @@
 from the newest checkpoint in MODEL_DIR; a finished run says so and exits 0. Multi-host: every
 process runs the same command (scripts/launch_*.sh); process 0 alone prints and writes metrics,
 all of them save checkpoints together."""
-import dataclasses
-import os
-import signal
-import sys
-import time
-from typing import Callable, Sequence
+from t5x_lite import startup
 
-import gin
-import jax
-import numpy as np
-import optax
+# Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
+# with one line at any moment (startup.py).
+startup.begin(__name__, "before the first step, nothing was saved; rerun the same command to "
+              "start (or resume)")
 
-from t5x_lite import checkpoints
-from t5x_lite import evaluation
-from t5x_lite import faults
-from t5x_lite import hf
-from t5x_lite import launch
-from t5x_lite import metrics_io
-from t5x_lite import models
-from t5x_lite import moe
-from t5x_lite import optimizers
-from t5x_lite import partitioning
-from t5x_lite import trainer as trainer_lib
-from t5x_lite.data import pipeline
-from t5x_lite.data import tasks
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, Iterator, Sequence  # noqa: E402
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from t5x_lite import checkpoints  # noqa: E402
+from t5x_lite import evaluation  # noqa: E402
+from t5x_lite import faults  # noqa: E402
+from t5x_lite import gin_checks  # noqa: E402
+from t5x_lite import hf  # noqa: E402
+from t5x_lite import launch  # noqa: E402
+from t5x_lite import layers  # noqa: E402
+from t5x_lite import metrics_io  # noqa: E402
+from t5x_lite import models  # noqa: E402
+from t5x_lite import moe  # noqa: E402
+from t5x_lite import optimizers  # noqa: E402
+from t5x_lite import partitioning  # noqa: E402
+from t5x_lite import trainer as trainer_lib  # noqa: E402
+from t5x_lite.data import pipeline  # noqa: E402
+from t5x_lite.data import tasks  # noqa: E402
+
+
+# A DataConfig setting left None (gin/defaults.gin) in a training run: T5's.
+TRAINING_DEFAULTS = {"task_feature_lengths": {"inputs": 512, "targets": 114},
+                     "batch_size": 128, "num_input_shards": 1}
+# The settings a run records in MODEL_DIR/data.json, by the macro that sets each.
+RUN_SETTINGS = {"mixture_or_task_name": "MIXTURE_OR_TASK_NAME",
+                "task_feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
+                "num_input_shards": "NUM_INPUT_SHARDS"}
+RUN_DATA_FILE = "data.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,25 +60,67 @@ class DataConfig:
     any number of hosts whose devices hold whole shards' rows (for data parallelism, a process
     count that divides it). `resume_without_input_position` lets a run resume a checkpoint
     whose saved input positions are for another shard count: parameters and optimizer state
-    as saved, the input stream started anew (seeded by the step)."""
+    as saved, the input stream started anew (seeded by the step).
 
-    mixture_or_task_name: str
-    task_feature_lengths: dict
-    batch_size: int
+    A RUN_SETTINGS field left None is filled before use: `for_training` takes T5's defaults,
+    `as_trained` (evaluation, inference) the ones MODEL_DIR's run trained with."""
+
+    mixture_or_task_name: str | None = None
+    task_feature_lengths: dict | None = None
+    batch_size: int | None = None
     pack: bool = True
-    num_input_shards: int = 1
+    num_input_shards: int | None = None
     resume_without_input_position: bool = False
 
     def __post_init__(self):
-        pipeline.check_lengths(self.task_feature_lengths)
-        if self.batch_size < 1:
+        if self.task_feature_lengths is not None:
+            pipeline.check_lengths(self.task_feature_lengths)
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
-        if self.num_input_shards < 1:
+        if self.num_input_shards is not None and self.num_input_shards < 1:
             raise ValueError(f"NUM_INPUT_SHARDS must be >= 1, got {self.num_input_shards}")
-        if self.batch_size % self.num_input_shards:
+        if self.batch_size and self.num_input_shards and self.batch_size % self.num_input_shards:
             raise ValueError(f"BATCH_SIZE {self.batch_size} does not split over "
                              f"NUM_INPUT_SHARDS = {self.num_input_shards} input shards: use a "
                              f"multiple of {self.num_input_shards}")
+
+    def unset(self) -> list[str]:
+        return [name for name in RUN_SETTINGS if getattr(self, name) is None]
+
+    def filled(self, settings: dict) -> "DataConfig":
+        """This config with each setting left None taken from `settings`."""
+        return dataclasses.replace(self, **{name: settings[name] for name in self.unset()
+                                            if name in settings})
+
+    def for_training(self) -> "DataConfig":
+        if self.mixture_or_task_name is None:
+            raise ValueError("MIXTURE_OR_TASK_NAME is not set: pass "
+                             "--gin.MIXTURE_OR_TASK_NAME=\"'stdlib_span_corruption'\" (or your "
+                             "own task, README: Your own corpus)")
+        return self.filled(TRAINING_DEFAULTS)
+
+    def as_trained(self, model_dir: str) -> "DataConfig":
+        """This config with each setting left None taken from MODEL_DIR/data.json (written by
+        the run that trained it), else T5's defaults; says which it used."""
+        if not self.unset():
+            return self
+        path = os.path.join(model_dir, RUN_DATA_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                trained, source = json.load(f), f"the training run ({path})"
+        else:
+            trained, source = TRAINING_DEFAULTS, f"T5's defaults ({path} does not exist)"
+        if self.mixture_or_task_name is None and "mixture_or_task_name" not in trained:
+            raise ValueError(f"MIXTURE_OR_TASK_NAME is not set and {path} does not exist: "
+                             "pass --gin.MIXTURE_OR_TASK_NAME=\"'the_task'\"")
+        completed = self.filled(trained)
+        used = ", ".join(f"{RUN_SETTINGS[name]} = {getattr(completed, name)!r}"
+                         for name in self.unset())
+        say(f"Using {used} from {source}; bind them to use others.")
+        return completed
+
+    def run_settings(self) -> dict:
+        return {name: getattr(self, name) for name in RUN_SETTINGS}
 
     def host_batch_size(self) -> int:
         if self.batch_size % jax.process_count():
@@ -348,14 +413,19 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
         optimizer: Callable[..., optax.GradientTransformation] = optimizers.adafactor,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
         num_microbatches: int = 1, upcycle_from: str | None = None,
-        init_from: str | None = None) -> None:
+        init_from: str | None = None, require_init_from: bool = False) -> None:
     """Trains until loop.train_steps, evaluating and checkpointing on the way. With
     `num_microbatches` > 1 each step accumulates gradients over that many slices of the
     batch (the same update, a fraction of the activation memory). With `upcycle_from` (the
     MODEL_DIR of a dense run of the same architecture) an MoE run without checkpoints starts
     from that run's newest parameters (sparse upcycling). With `init_from` (a MODEL_DIR of
     this architecture) a run without checkpoints starts from that run's newest parameters
-    with a fresh optimizer state at step 0 (fine-tuning)."""
+    with a fresh optimizer state at step 0 (fine-tuning); `require_init_from` (finetune.gin)
+    makes it an error to leave it unset."""
+    if require_init_from and not init_from:
+        raise ValueError("INIT_FROM is not set: fine-tuning starts from a trained MODEL_DIR or "
+                         "Hugging Face directory, pass --gin.INIT_FROM=\"'runs/quickstart'\"")
+    data = data.for_training()
     if upcycle_from and init_from:
         raise ValueError("set INIT_FROM (same architecture) or UPCYCLE_FROM (dense into MoE), "
                          "not both")
@@ -375,7 +445,8 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
     say(f"Mesh {dict(trainer.mesh.shape)}. {metrics_io.state_bytes_line(sharded_state)}")
     manager = checkpoints.create_manager(model_dir, loop.keep_checkpoints)
     newest = lambda: max(checkpoints.complete_steps(model_dir), default=None)  # noqa: E731
-    with faults.disk_full_explained(model_dir, newest):
+    with (faults.disk_full_explained(model_dir, newest),
+          out_of_memory_explained(data, num_microbatches, model_config, mesh_config)):
         state, input_position = restore_or_init(trainer, manager, loop.seed, upcycle_from,
                                                 init_from, input_shards)
         start_step = int(state.step)
@@ -385,8 +456,6 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
             return
         batches = train_batches(data, trainer.mesh, loop.seed, start_step, input_position,
                                 manager)
-        # Written once the checkpoints are known to be of this model and the task to build.
-        write_config(model_dir)
         try:
             train_loop(trainer, state, manager, data, loop, model_dir, batches)
         finally:
@@ -394,11 +463,57 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: DataConfig = gin.REQ
             manager.wait_until_finished()
 
 
-def write_config(model_dir: str) -> None:
-    """MODEL_DIR/config.gin: every setting of the run, for eval, infer and convert_hf."""
-    if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
+def write_run_files(model_dir: str, data: DataConfig) -> None:
+    """MODEL_DIR/config.gin (every setting of the run, for eval, infer and convert_hf) and
+    data.json (the data settings that evaluation and inference default to), each written
+    whole or not at all."""
+    if jax.process_index() != 0:
+        return
+    for name, text in (("config.gin", gin_checks.config_text()),
+                       (RUN_DATA_FILE, json.dumps(data.run_settings(), indent=1) + "\n")):
+        path = os.path.join(model_dir, name)
+        with open(path + ".partial", "w") as f:
+            f.write(text)
+        os.replace(path + ".partial", path)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(data: DataConfig, num_microbatches: int,
+                            model_config: models.T5Config,
+                            mesh_config: partitioning.MeshConfig) -> Iterator[None]:
+    """Turns XLA's RESOURCE_EXHAUSTED into one line: the bytes asked, the device's memory,
+    and the settings that lower what a step needs."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        asked = re.search(r"allocat\w* (\d+) bytes", str(error))
+        asked = f"{int(asked.group(1)) / 2**30:,.1f} GiB" if asked else "more memory"
+        fsdp = ("" if mesh_config.fsdp != 1 else
+                ", or split parameters and optimizer state over the devices with "
+                "--gin_file=gin/partitioning/fsdp.gin")
+        raise ValueError(
+            f"out of memory: a step asked for {asked}, {device_memory_line()}: lower "
+            f"BATCH_SIZE ({data.batch_size}), raise t5x_lite.train.run.num_microbatches "
+            f"({num_microbatches}; BATCH_SIZE must divide by it), set "
+            f"models.T5Config.remat_policy (now {model_config.remat_policy!r}; "
+            f"{'/'.join(repr(p) for p in layers.REMAT_POLICIES if p != 'none')}){fsdp}"
+        ) from error
+
+
+def device_memory_line() -> str:
+    """'the NVIDIA H100 80GB HBM3 holds 79.1 GiB': the first local device's memory limit;
+    for CPU devices (which report none) the host's memory or address-space limit."""
+    device = jax.local_devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit:
+        return f"the {device.device_kind} holds {limit / 2**30:,.1f} GiB"
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limit = min(limit, address_space)
+    return f"this host's processes may use {limit / 2**30:,.1f} GiB"
 
 
 def train_batches(data: DataConfig, mesh, seed: int, start_step: int,
@@ -489,6 +604,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)
         report_metrics(state, say)
     progress, rollbacks, metrics = Progress(step, loop.train_steps), 0, None
+    run_files_written = False
     with faults.StopRequest() as stop:
         while step < loop.train_steps:
             step += 1
@@ -497,6 +613,11 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
             period.add_data_wait(time.perf_counter() - wait_start, metrics)
             state, metrics = train_step(state, partitioning.global_batch(local_batch,
                                                                          trainer.mesh))
+            if not run_files_written:
+                # Once a step has run: a run that never trained leaves no config behind.
+                jax.block_until_ready(metrics)
+                write_run_files(model_dir, data)
+                run_files_written = True
             period.add(step, metrics)
             progress.advance()
             saving = step % loop.checkpoint_period == 0 or step == loop.train_steps

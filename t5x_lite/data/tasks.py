@@ -170,8 +170,9 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     closest = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
     suggestion = f"did you mean {' or '.join(closest)}?" if closest else \
         f"registered names include {', '.join(n for n in registered if '.' not in n)}"
-    raise ValueError(f"unknown task or mixture {name!r}: {suggestion} (register new ones in "
-                     "t5x_lite/data/tasks.py or from gin with @tasks.register_task())")
+    raise ValueError(f"unknown task or mixture {name!r}: {suggestion} (register yours in a "
+                     "module of your own and pass --module_import=my_tasks, or put `import "
+                     "my_tasks` in a gin file; README: Your own corpus)")
 
 
 for _objective in ("span_corruption", "ul2", "prefix_lm", "bart"):
