@@ -3,10 +3,14 @@
 
 Only safetensors are read or written: a directory holding only pytorch_model.bin (a pickle)
 is refused. Torch Linear weights are [out, in]; t5x_lite kernels are [in, out] with the
-attention projections split into heads ([D, H, K] in, [H, K, D] out).
+attention projections split into heads ([D, H, K] in, [H, K, D] out). A SentencePiece
+vocabulary travels as spiece.model plus the files of a transformers tokenizer that encodes
+like it (`tokenizer_files`).
 """
+import base64
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -15,12 +19,17 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from flax import traverse_util
+from sentencepiece import sentencepiece_model_pb2
 
 from t5x_lite import models
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+SPIECE_FILE = "spiece.model"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 
 # HF dense_act_fn name <-> the activation t5x_lite applies. HF's "gated-gelu" means gated
@@ -295,9 +304,137 @@ def tensors_from_params(params: dict, config: models.T5Config) -> dict[str, np.n
             for name, path in parameter_names(config).items()}
 
 
-def save_t5(model: models.EncoderDecoderModel, params: dict, out_dir: str) -> None:
+# --- the tokenizer ---------------------------------------------------------------------------
+#
+# Why transformers' T5Tokenizer on our spiece.model gives other ids: it takes only the pieces
+# and scores and builds T5's own pipeline, ignoring the model's normalizer spec. Its
+# WhitespaceSplit pre-tokenizer deletes every space, tab and run of indentation, its Metaspace
+# (prepend_scheme "always", T5's add_dummy_prefix) puts "▁" before every word where our
+# models (add_dummy_prefix=False) have none: "def" becomes "▁" + "def". Its Unigram has no byte
+# fallback (an unseen character is <unk>, not UTF-8 bytes), and its "<extra_id_N>" tokens
+# match anywhere, where seqio's sentinels are the pieces "▁<extra_id_N>" (after a space).
+# tokenizer.json below follows the model's own spec, and the generic fast tokenizer runs it.
+#
+# SentencePiece never matches control, unknown, unused or byte pieces against text; the
+# tokenizers Unigram matches every piece, so those get a score no segmentation prefers ("</s>"
+# or "<0x41>" in a text are characters, as in SentencePiece; with split_special_tokens the
+# special tokens are not cut out of the text first either).
+_UNMATCHED_SCORE = -1e4
+_MATCHED_PIECE_TYPES = (sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL,
+                        sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+
+
+def _replace(pattern: dict, content: str) -> dict:
+    return {"type": "Replace", "pattern": pattern, "content": content}
+
+
+def _tokenizer_json(proto, special: dict[str, str]) -> dict:
+    """A tokenizers.Tokenizer (as JSON) that segments like SentencePiece with `proto`: the
+    same normalization, the model's user-defined pieces (newline, mode tokens, sentinels)
+    always whole, the same Unigram scores and byte fallback, EOS appended."""
+    spec = proto.normalizer_spec
+    normalizers = []
+    if spec.precompiled_charsmap:
+        normalizers.append({"type": "Precompiled", "precompiled_charsmap":
+                            base64.b64encode(spec.precompiled_charsmap).decode("ascii")})
+    if spec.remove_extra_whitespaces:
+        normalizers += [_replace({"Regex": r"\A +| +\z"}, ""), _replace({"Regex": " {2,}"}, " ")]
+    if spec.add_dummy_prefix:
+        normalizers.append({"type": "Prepend", "prepend": " "})
+    if spec.escape_whitespaces:
+        normalizers.append(_replace({"String": " "}, "▁"))
+    user_defined = sorted((piece.piece for piece in proto.pieces if piece.type ==
+                           sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED),
+                          key=len, reverse=True)
+    decoders = [_replace({"String": "▁"}, " "), {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if spec.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    eos = {"id": special["eos_token"], "type_id": 0}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": index, "content": proto.pieces[index].piece, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True} for index in (0, 1, 2)],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "|".join(
+            map(re.escape, user_defined))}, "behavior": "Isolated", "invert": False}
+        if user_defined else None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": eos}],
+            "special_tokens": {eos["id"]: {"id": eos["id"], "ids": [1], "tokens": [eos["id"]]}}},
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "Unigram", "unk_id": 2,
+                  "vocab": [[piece.piece, piece.score if piece.type in _MATCHED_PIECE_TYPES
+                             else _UNMATCHED_SCORE] for piece in proto.pieces],
+                  "byte_fallback": proto.trainer_spec.byte_fallback},
+    }
+
+
+def tokenizer_files(sp_model: bytes, extra_ids: int) -> dict[str, bytes]:
+    """The files of a tokenizer that `transformers.AutoTokenizer` loads (its fast
+    `tokenizers` backend) and that encodes, EOS appended, and decodes as
+    seqio.SentencePieceVocabulary(sp_model, extra_ids) does: the model as spiece.model with
+    `extra_ids` in tokenizer_config.json (T5's convention, read back by `read_tokenizer`), and
+    tokenizer.json holding the model with seqio's sentinels, "▁<extra_id_N>" at id
+    vocab_size - 1 - N. The same ids but where SentencePiece's float32 path scores cannot tell
+    two segmentations apart and tokenizers' float64 ones can or keep the first found: exact
+    ties (a run of one repeated character: 20 spaces as 16 + 4 or 4 + 16) and, thousands of
+    tokens into a text, near-ties within float32 rounding (0.003% of the tokens of whole
+    stdlib files with the stdlib's 8000-piece vocabulary).
+    """
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp_model)
+    trainer = proto.trainer_spec
+    if trainer.model_type != trainer.UNIGRAM or (trainer.pad_id, trainer.eos_id,
+                                                 trainer.unk_id) != (0, 1, 2):
+        raise HFFormatError("only a unigram SentencePiece model with pad=0, eos=1, unk=2 (as "
+                            "T5's and t5x_lite's) converts to a transformers tokenizer")
+    for index in reversed(range(extra_ids)):  # seqio's sentinels: <extra_id_0> is the last id
+        proto.pieces.add(piece=f"▁<extra_id_{index}>", score=0.0,
+                         type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    special = {"eos_token": trainer.eos_piece, "pad_token": trainer.pad_piece,
+               "unk_token": trainer.unk_piece}
+    # tokenizer_class: the generic fast tokenizer, which runs tokenizer.json as written;
+    # T5Tokenizer would rebuild T5's pipeline around its vocabulary. transformers 5 has no
+    # other (slow) T5 tokenizer: AutoTokenizer ignores use_fast.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "extra_ids": extra_ids,
+              "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+
+    def to_json(value) -> bytes:
+        return json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8")
+
+    return {SPIECE_FILE: sp_model, TOKENIZER_FILE: to_json(_tokenizer_json(proto, special)),
+            TOKENIZER_CONFIG_FILE: to_json(config), SPECIAL_TOKENS_FILE: to_json(special)}
+
+
+def read_tokenizer(hf_dir: str) -> tuple[str, int] | None:
+    """(spiece.model path, extra_ids) of a Hugging Face directory's SentencePiece tokenizer,
+    extra_ids from tokenizer_config.json (T5Tokenizer's default 100 when it says none), or
+    None when the directory has no spiece.model."""
+    path = os.path.join(hf_dir, SPIECE_FILE)
+    if not os.path.isfile(path):
+        return None
+    config_path = os.path.join(hf_dir, TOKENIZER_CONFIG_FILE)
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise HFFormatError(f"{config_path} is not valid JSON ({error})") from None
+    extra_ids = config.get("extra_ids", 100)
+    if not isinstance(extra_ids, int) or extra_ids < 0:
+        raise HFFormatError(f"{config_path}: extra_ids is {extra_ids!r}, not a count")
+    return path, extra_ids
+
+
+def save_t5(model: models.EncoderDecoderModel, params: dict, out_dir: str,
+            extra_files: dict[str, bytes] | None = None) -> None:
     """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration
-    loads. Written to a temporary directory first: `out_dir` never holds half a checkpoint."""
+    loads, and `extra_files` ({name: contents}, e.g. `tokenizer_files`). Written to a
+    temporary directory first: `out_dir` never holds half a checkpoint."""
     hf_config = config_to_hf(model.config)
     tensors = tensors_from_params(params, model.config)
     out_dir = os.path.abspath(out_dir)
@@ -310,8 +447,11 @@ def save_t5(model: models.EncoderDecoderModel, params: dict, out_dir: str) -> No
         json.dump(hf_config, f, indent=2)
     safetensors.numpy.save_file(tensors, os.path.join(partial, WEIGHTS_FILE),
                                 metadata={"format": "pt"})
+    for name, contents in (extra_files or {}).items():
+        with open(os.path.join(partial, name), "wb") as f:
+            f.write(contents)
     os.makedirs(out_dir, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, *(extra_files or {})):
         os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
     os.rmdir(partial)
 

@@ -33,7 +33,7 @@ def flags(model_dir, run: str = "pretrain", steps: int = FIRST_STEPS) -> list[st
     bindings = [binding for binding in train_test.bindings(model_dir, steps)
                 if run == "pretrain" or binding.split(" =")[0] in
                 ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "BATCH_SIZE",
-                 "EVAL_STEPS", "models.T5Config.vocab_size")]
+                 "models.T5Config.vocab_size", *(("EVAL_STEPS",) if run == "eval" else ()))]
     if run == "pretrain":
         bindings += ["CHECKPOINT_PERIOD = 1", "EVAL_PERIOD = 100"]
     return ["--gin_file=models/t5_1_1_tiny.gin", f"--gin_file=runs/{run}.gin",
@@ -112,7 +112,8 @@ def test_correct_run_resumes_in_a_copy(model_dir, capsys):
 def test_unknown_task_names_the_closest(model_dir, capsys):
     line = check_train_refuses(capsys, model_dir, "--gin.MIXTURE_OR_TASK_NAME='train_test_byte'")
     assert line.startswith("error: unknown task or mixture 'train_test_byte': did you mean "
-                           "train_test_bytes? (register new ones")
+                           "train_test_bytes? (register yours in a module of your own and pass "
+                           "--module_import=my_tasks")
 
 
 def test_unparsable_gin_file(model_dir, capsys, tmp_path):
@@ -123,14 +124,16 @@ def test_unparsable_gin_file(model_dir, capsys, tmp_path):
 
 def test_unknown_binding(model_dir, capsys):
     line = check_train_refuses(capsys, model_dir, "--gin.models.T5Config.no_such_field=3")
-    assert line.startswith("error: bad gin configuration: ") and "no_such_field" in line
+    assert line == ("error: --gin.models.T5Config.no_such_field=3: models.T5Config has no "
+                    "parameter 'no_such_field'")
 
 
 def test_missing_required_binding(model_dir, capsys):
     before = snapshot(model_dir)
     line = error_line(capsys, "train", *[flag for flag in flags(model_dir, steps=3)
                                          if "MIXTURE_OR_TASK_NAME" not in flag])
-    assert "MIXTURE_OR_TASK_NAME" in line and "REQUIRED" in line
+    assert line.startswith("error: MIXTURE_OR_TASK_NAME is not set: pass "
+                           "--gin.MIXTURE_OR_TASK_NAME=\"'stdlib_span_corruption'\"")
     assert snapshot(model_dir) == before
 
 
@@ -318,7 +321,8 @@ def test_eval_unknown_task_and_no_checkpoint(model_dir, capsys, tmp_path):
     line = error_line(capsys, "eval", *flags(model_dir, "eval"),
                       "--gin.MIXTURE_OR_TASK_NAME='train_test_bites'")
     assert line.startswith("error: unknown task or mixture 'train_test_bites': did you mean "
-                           "train_test_bytes? (register new ones")
+                           "train_test_bytes? (register yours in a module of your own and pass "
+                           "--module_import=my_tasks")
     line = error_line(capsys, "eval", *flags(tmp_path / "never_trained", "eval"))
     assert "no checkpoints in" in line and "train first" in line
 

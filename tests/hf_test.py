@@ -292,3 +292,32 @@ def test_transformers_5_untied_config(tmp_path):
     encoder_tokens, decoder_tokens = inputs(), decoder_inputs()
     assert_logits_close(our_logits(model, params, encoder_tokens, decoder_tokens),
                         hf_logits(hf_model, encoder_tokens, decoder_tokens))
+
+
+def test_tokenizer_files_follow_the_model_normalizer(tmp_path):
+    """A SentencePiece model with T5's settings (NFKC, a dummy prefix, extra whitespace
+    removed, no byte fallback; t5x_lite's own: tests/convert_hf_test.py) gives the same ids
+    through the exported tokenizer as through seqio."""
+    import seqio
+    import sentencepiece
+    from t5x_lite.data import corpora
+    lines = [line for path in corpora.stdlib_files("validation")[:4]
+             for line in open(path, encoding="utf-8", errors="replace").read().splitlines()
+             if line.strip()]
+    sentencepiece.SentencePieceTrainer.Train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "t5"), vocab_size=300,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    sp_model = (tmp_path / "t5.model").read_bytes()
+    out = tmp_path / "tokenizer"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "t5"}')
+    for name, contents in hf.tokenizer_files(sp_model, 100).items():
+        (out / name).write_bytes(contents)
+    vocabulary = seqio.SentencePieceVocabulary(str(tmp_path / "t5.model"), extra_ids=100)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for text in ["  def  f(x):\n\treturn  x ", "ＦＵＬＬ width ﬁ", "▁x", "   ", "",
+                 "a <extra_id_0> b <extra_id_99>", "naïve — 日本"]:
+        ids = list(vocabulary.encode(text)) + [1]
+        assert tokenizer(text).input_ids == ids, text
+        if 2 not in ids:  # SentencePiece decodes <unk> as " ⁇ ", transformers drops it
+            assert tokenizer.decode(ids, skip_special_tokens=True) == vocabulary.decode(ids)
