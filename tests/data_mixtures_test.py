@@ -232,6 +232,7 @@ def test_inspect_task_command_answers_bad_input_in_one_line():
     assert result.returncode == 2 and not result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: unknown task or mixture 'stdlib_ul3': did you mean stdlib_ul2? "
-                      "(register new ones in t5x_lite/data/tasks.py or from gin with "
-                      "@tasks.register_task())"]
+                      "(register yours in a module of your own and pass "
+                      "--module_import=my_tasks, or put `import my_tasks` in a gin file; "
+                      "README: Your own corpus)"]
     assert "Traceback" not in result.stderr

@@ -97,8 +97,9 @@ def test_unknown_task_names_the_closest_or_the_registered_ones():
     assert message.startswith("unknown task or mixture 'no_such_task': registered names include ")
     assert "stdlib_span_corruption_bytes" in message and "\n" not in message
     assert "stdlib_ul2." not in message  # Denoiser tasks are an implementation detail.
-    assert message.endswith("(register new ones in t5x_lite/data/tasks.py or from gin with "
-                            "@tasks.register_task())")
+    assert message.endswith("(register yours in a module of your own and pass "
+                            "--module_import=my_tasks, or put `import my_tasks` in a gin file; "
+                            "README: Your own corpus)")
     with pytest.raises(ValueError, match="'stdlib_ul3': did you mean stdlib_ul2"):
         tasks.get_task_or_mixture("stdlib_ul3")
 
