@@ -178,8 +178,6 @@ def test_a_stop_during_start_up_is_one_line_and_a_rerun_starts(tmp_path, signal_
     time.sleep(seconds)
     process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip(f"the run finished in under {seconds} s")
     assert process.returncode == 128 + signal_number, stderr[-3000:]
     assert "Traceback" not in stderr
     name = signal.Signals(signal_number).name
