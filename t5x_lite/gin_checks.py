@@ -49,15 +49,19 @@ def binding_name(binding: str) -> str:
     return binding.split("=", 1)[0].strip()
 
 
-def check_macros(command_line_bindings: list[str]) -> None:
-    """A macro set on the command line that no binding reads, or a macro read and never set,
-    is a GinSlip naming the macro the user probably meant / the flag to pass."""
+def check_macros(command_line_bindings: list[str], known_macros: set[str]) -> None:
+    """A macro set on the command line that no binding reads and no gin file sets (a typo:
+    `known_macros` are those the files, gin/defaults.gin included, set), or a macro read and
+    never set, is a GinSlip naming the macro the user probably meant / the flag to pass. A
+    known macro this entry point does not read (TRAIN_STEPS given to eval) is ignored, so one
+    list of flags serves train, eval and infer."""
     bound, read = bound_macros(), read_macros()
+    known = read | known_macros | set(REQUIRED_EXAMPLES)
     for binding in command_line_bindings:
         name = binding_name(binding)
-        if re.fullmatch(r"[A-Za-z_]\w*", name) and name not in read:
+        if re.fullmatch(r"[A-Za-z_]\w*", name) and name not in known:
             raise GinSlip(f"--gin.{name}: no gin file reads the macro {name}"
-                          f"{closest(name, read)}; gin/defaults.gin lists the macros")
+                          f"{closest(name, known)}; gin/defaults.gin lists the macros")
     for name in sorted(read - bound):
         example = REQUIRED_EXAMPLES.get(name, "VALUE")
         raise GinSlip(f"{name} is not set: pass --gin.{name}={example} (or set it in a gin "

@@ -167,9 +167,10 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
     # gin's package-resource reader logs an ERROR for every search path that lacks the file.
     logging.disable(logging.ERROR)
     try:
-        gin.parse_config_files_and_bindings(gin_files, [BINDINGS_PREAMBLE, *gin_bindings],
-                                            finalize_config=False)
-        gin_checks.check_macros(gin_bindings)
+        gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+        known_macros = gin_checks.bound_macros()
+        gin.parse_config([BINDINGS_PREAMBLE, *gin_bindings])
+        gin_checks.check_macros(gin_bindings, known_macros)
         gin.finalize()
     except ModuleNotFoundError as error:  # a gin file's `import my_tasks`
         raise UsageError(f"gin files import {error.name!r}, which is not on the Python path: "

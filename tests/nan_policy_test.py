@@ -23,7 +23,7 @@ def poisoned(monkeypatch, task_name):  # noqa: F811
     """Makes the loss and every gradient NaN on one batch: the POISONED_STEP-th training
     batch (recognised by its tokens), wherever in the run it arrives."""
     from t5x_lite import train
-    data = train.DataConfig(task_name, {"inputs": 32, "targets": 8}, 8)
+    data = train.DataConfig(task_name, {"inputs": 32, "targets": 8}, 8).for_training()
     batches = data.batches("train", partitioning.create_mesh(partitioning.MeshConfig()),
                            shuffle=True, seed=0, repeat=True)
     for _ in range(POISONED_STEP):
