@@ -21,7 +21,7 @@ Figures (each measured in the run that prints it; add --json for one JSON object
          examples_per_second  batch / step_seconds: packed rows consumed per second
          compile_seconds      wall-clock seconds of the first call (compilation plus one step)
          model_flops_per_step matmul FLOPs of one step (forward + backward; formula in
-                              model_flops_per_step)
+                              t5x_lite/flops.py, as the training loop's MFU)
          peak_flops           FLOP/s of --peak-size square matmuls in --dtype, one on every
                               device at once: the median of calls timed between the train
                               steps
@@ -75,6 +75,11 @@ from typing import Callable
 
 # Before TensorFlow or JAX is imported (here, in the measuring children, or by gin).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from t5x_lite import host_memory  # noqa: E402
+
+# Before JAX creates its CPU client, as the entry points do (host_memory.py says why).
+host_memory.reuse_freed_memory_on_cpu()
 
 # TensorFlow and JAX are imported inside the functions that use them: spawn re-imports this
 # module in each input child, which must pin its cores before TensorFlow loads.
@@ -244,6 +249,8 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     (A B P A B P ...) so that both rates see the machine in the same state."""
     import jax.numpy as jnp
 
+    from t5x_lite import flops as flops_lib
+
     _, state, train_step, device_batch = train_setup(
         preset, batch, inputs, targets, optimizer, activation_dtype=jnp.dtype(dtype),
         **overrides)
@@ -267,7 +274,7 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     rows = [train_row(preset, who, batch, inputs, targets, steps, seconds[who], optimizer,
                       {"dtype": dtype, **overrides}) for who in runs if who != "peak"]
     if peak_size:
-        flops = model_flops_per_step(config, batch, inputs, targets)
+        flops = flops_lib.model_flops_per_step(config, batch, inputs, targets)
         peak = peak_flops(peak_size, statistics.median(seconds["peak"][-steps:]))
         for row in rows:
             row.update(model_flops_per_step=flops, peak_flops=peak,
@@ -287,33 +294,6 @@ def train_row(preset: str, who: str, batch: int, inputs: int, targets: int, step
             "tokens_per_second": batch * (inputs + targets) / step_seconds,
             "examples_per_second": batch / step_seconds, "compile_seconds": seconds[0],
             **overrides}
-
-
-def model_flops_per_step(config, batch: int, inputs: int, targets: int) -> float:
-    """FLOPs of one train step's matrix multiplications, the MFU convention: 2 per
-    multiply-add, the backward pass twice the forward (so 3x the forward), rematerialised
-    recomputation not counted. With D = d_model, A = num_heads * head_dim, F = d_ff, G = 3
-    for a gated MLP (2 otherwise), L = inputs, T = targets and V = vocab_size, the forward
-    pass costs
-      per encoder layer, per encoder token:   2 (4 D A + G D F) + 4 L A
-      per decoder layer, per decoder token:   2 (6 D A + G D F) + 4 T A + 4 L A
-                         per encoder token:   4 D A  (the cross-attention keys and values)
-      output projection, per decoder token:   2 D V
-    Attention counts the whole L x L and T x T products: packing and causal masks skip no
-    work. Dense models only (an MoE layer's cost depends on its routing)."""
-    if config.moe is not None:
-        raise launch.UsageError("model FLOPs are defined for dense models: use the moe "
-                                "subcommand for MoE presets")
-    d, a, f = config.d_model, config.num_heads * config.head_dim, config.d_ff
-    gated = 3 if config.gated_mlp else 2
-    encoder_token = config.num_encoder_layers * (2 * (4 * d * a + gated * d * f)
-                                                 + 4 * inputs * a)
-    decoder_token = (config.num_decoder_layers * (2 * (6 * d * a + gated * d * f)
-                                                  + 4 * targets * a + 4 * inputs * a)
-                     + 2 * d * config.vocab_size)
-    cross_keys_values = config.num_decoder_layers * 4 * d * a
-    forward = batch * (inputs * (encoder_token + cross_keys_values) + targets * decoder_token)
-    return 3.0 * forward
 
 
 def peak_matmul_operands(dtype, size: int) -> list:
@@ -390,7 +370,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         if args.dtype != "float32" or optimizer != "adamw":
             raise launch.UsageError("--compare-hf trains both in float32 with AdamW: drop "
                                     "--dtype and --optimizer")
-    overrides = {"attention": args.attention} if args.attention != "einsum" else {}
+    overrides = {"attention": args.attention} if args.attention != "auto" else {}
     return measure_train(args.preset, args.batch, args.inputs, args.targets, args.steps,
                          args.warmup, optimizer, args.compare_hf, args.peak_size, args.dtype,
                          **overrides)
@@ -776,9 +756,10 @@ def build_parser() -> ArgumentParser:
     train_parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                               help="activation dtype (parameters stay float32); the peak "
                               "matmul is measured in it too")
-    train_parser.add_argument("--attention", choices=("einsum", "xla", "cudnn"),
-                              default="einsum", help="T5Config.attention: spelt-out einsums, "
-                              "or jax.nn.dot_product_attention's XLA or cuDNN implementation")
+    train_parser.add_argument("--attention", default="auto",
+                              choices=("auto", "einsum", "xla", "cudnn", "pallas_tpu"),
+                              help="T5Config.attention (t5x_lite/kernels.py): auto is the "
+                              "backend's choice (CPU einsum, GPU cudnn, TPU pallas_tpu)")
     train_parser.add_argument("--compare-hf", action="store_true",
                               help="also train transformers' T5 on the same shapes (AdamW, "
                               "float32), timed in turn with ours")

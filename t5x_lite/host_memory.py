@@ -15,6 +15,7 @@ opts out). Transparent huge pages (glibc.malloc.hugetlb=1) would keep memory ret
 kernel, but stalled the step in compaction when torch ran beside it (docs/performance.md).
 """
 import ctypes
+import glob
 import os
 import sys
 
@@ -23,6 +24,24 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 OPT_OUT_VARIABLE = "T5X_LITE_SYSTEM_MALLOC"
 MALLOC_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                      "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# Device files of NVIDIA GPUs and of TPUs (v4 and later; v2/v3 through vfio).
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX will run this process on the CPU, told before JAX starts (the malloc
+    setting must precede its CPU client): JAX_PLATFORMS=cpu, or no accelerator device file."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms == "cpu"
+    return not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
+def reuse_freed_memory_on_cpu() -> bool:
+    """reuse_freed_memory() where this process runs on the CPU: the entry points call it
+    first thing. On an accelerator host the host heap holds no per-step temporaries, and
+    keeping the peak heap would only cost memory."""
+    return runs_on_cpu() and reuse_freed_memory()
 
 
 def reuse_freed_memory() -> bool:
@@ -30,7 +49,7 @@ def reuse_freed_memory() -> bool:
     and never give freed heap back to the kernel; returns whether it did.
 
     It binds threads at their first allocation, so it must run before JAX creates its CPU
-    client: importing t5x_lite calls it. Skipped off Linux glibc, where the environment
+    client: the entry points call it first (startup.begin). Skipped off Linux glibc, where the environment
     already tunes malloc (GLIBC_TUNABLES, MALLOC_*), and with T5X_LITE_SYSTEM_MALLOC=1.
     """
     if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT_VARIABLE) == "1"

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import kernels as kernels_lib
 from t5x_lite import ops
 
-# A bias this negative zeroes a softmax entry in float32 without overflowing in bfloat16.
-MASKED_LOGIT = -1e10
+MASKED_LOGIT = kernels_lib.MASKED_LOGIT
 
 
 def partitioned(init: Callable, logical_axes: tuple[str, ...]) -> Callable:
@@ -41,15 +41,8 @@ class LayerConfig:
     dropout_rate: float
     dtype: jnp.dtype
     layer_norm_epsilon: float = 1e-6
-    attention: str = "einsum"  # One of ATTENTION_IMPLEMENTATIONS.
-
-
-# How training and evaluation attend (decoding always uses the einsums): "einsum" spells
-# the attention out (float32 softmax; softmax_attention's backward pass, or autodiff where
-# dropout applies to the weights); "xla" and "cudnn" call
-# jax.nn.dot_product_attention with that implementation (cuDNN's fused kernel on NVIDIA
-# GPUs; no dropout on the weights).
-ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+    # The backend's kernels (kernels.py): CPU's unless the model says otherwise.
+    kernels: kernels_lib.Kernels = kernels_lib.CPU_KERNELS
 
 
 def relative_position_bucket(relative_position: np.ndarray | jax.Array, bidirectional: bool,
@@ -84,6 +77,8 @@ class RelativePositionBias(nn.Module):
     num_heads: int
     bidirectional: bool
     dtype: jnp.dtype = jnp.float32
+    # HIGHEST keeps the float32 table exact on CPUs; accelerators take their default.
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
 
     @nn.compact
     def __call__(self, query_length: int, key_length: int,
@@ -107,7 +102,7 @@ class RelativePositionBias(nn.Module):
         # A one-hot matmul over N rows, not a gather, for the same reason; exact.
         one_hot_NR = jax.nn.one_hot(buckets_N, self.num_buckets, dtype=self.dtype)
         bias_HN = jnp.einsum("NR,RH->HN", one_hot_NR, table_RH.astype(self.dtype),
-                             precision=jax.lax.Precision.HIGHEST)
+                             precision=self.precision)
         return ops.toeplitz(bias_HN, query_length, key_length)[None]
 
 
@@ -173,17 +168,12 @@ class MultiHeadAttention(nn.Module):
                                  ("batch", "length", "heads", "kv"))
             value_BSHK = constrain(projection("value", 1.0)(inputs_kv_BSD),
                                    ("batch", "length", "heads", "kv"))
-            if cfg.attention == "einsum" and (deterministic or not cfg.dropout_rate):
-                context_BTHK = ops.softmax_attention(query_BTHK, key_BSHK, value_BSHK,
-                                                     bias_BHTS)
-            elif cfg.attention == "einsum":
+            if deterministic or not cfg.dropout_rate:
+                context_BTHK = cfg.kernels.attend(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
+            else:  # Dropout on the weights: spelled out, through autodiff.
                 logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
                 context_BTHK = self._attend(logits_BHTS, bias_BHTS, "BSHK", value_BSHK,
                                             deterministic)
-            else:  # T5 folds 1/sqrt(K) into the query initialiser: scale 1.
-                context_BTHK = jax.nn.dot_product_attention(
-                    query_BTHK, key_BSHK, value_BSHK, bias=bias_BHTS.astype(query_BTHK.dtype),
-                    scale=1.0, implementation=cfg.attention)
 
         out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                     in_axis=(-3, -2), out_axis=-1)
@@ -285,7 +275,7 @@ class Mlp(nn.Module):
                 both = jnp.einsum(f"{lead}X,{kernel_lead}XWY->{lead}WY",
                                   inputs.astype(cfg.dtype), kernels)
             else:
-                both = ops.project(inputs, kernels, cfg.dtype)
+                both = cfg.kernels.project(inputs, kernels, cfg.dtype)
             hidden = cfg.activation(both[..., 0, :]) * both[..., 1, :]
         else:
             hidden = cfg.activation(dense(up, "wi", ("embed", "mlp"))(inputs))

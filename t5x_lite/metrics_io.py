@@ -71,9 +71,13 @@ def format_train_line(step: int, total_steps: int, metrics: dict[str, float],
     # A period holding only the compiling first step has no throughput.
     throughput = (f"{metrics['tokens_per_second']:,.0f}" if "tokens_per_second" in metrics
                   else "-")
+    tflops = (f"{metrics['model_tflops_per_device']:.3g}" if "model_tflops_per_device" in metrics
+              else "-")
+    mfu = f"{metrics['mfu']:.1%}" if "mfu" in metrics else "-"
     return (f"step {step:>6d}/{total_steps}  loss {metrics['loss']:.4f}  "
             f"acc {metrics['accuracy']:.4f}  lr {metrics['learning_rate']:.2e}  "
-            f"tok/s {throughput}  left {format_duration(seconds_left)}")
+            f"tok/s {throughput}  TFLOP/s/device {tflops}  mfu {mfu}  "
+            f"left {format_duration(seconds_left)}")
 
 
 MOE_PREFIX = "moe/"
@@ -168,10 +172,16 @@ class LogPeriod:
     """The per-step metrics since the last log line and the wall-clock time they took (less
     pauses for evaluation and checkpoints), of which `data_wait` seconds went to waiting for
     the input pipeline with nothing left for the devices to run; the first step after a
-    start, which compiles, counts in the averages but not in throughput."""
+    start, which compiles, counts in the averages but not in throughput. Throughput is
+    tokens per second, model TFLOP/s per device (flops.py's `model_flops_per_step` over
+    `devices`) and MFU against the devices' summed bf16 peak `peak_flops` (None: unknown,
+    as on CPUs)."""
 
-    def __init__(self, start_step: int, tokens_per_step: int):
+    def __init__(self, start_step: int, tokens_per_step: int, model_flops_per_step: float = 0.0,
+                 devices: int = 1, peak_flops: float | None = None):
         self.start_step, self.tokens_per_step = start_step, tokens_per_step
+        self.model_flops_per_step, self.devices = model_flops_per_step, devices
+        self.peak_flops = peak_flops
         self.rows: list = []
         self.period_start = self.timed_from = time.perf_counter()
         self.paused, self.data_wait, self.timed_steps = 0.0, 0.0, 0
@@ -207,6 +217,11 @@ class LogPeriod:
             seconds = now - self.period_start - self.paused
             row["tokens_per_second"] = self.tokens_per_step * self.timed_steps / seconds
             row["data_wait_fraction"] = self.data_wait / seconds
+            model_flops_per_second = self.model_flops_per_step * self.timed_steps / seconds
+            if model_flops_per_second:
+                row["model_tflops_per_device"] = model_flops_per_second / self.devices / 1e12
+            if model_flops_per_second and self.peak_flops:
+                row["mfu"] = model_flops_per_second / self.peak_flops
         seconds_per_step = (now - self.timed_from) / max(step - self.start_step - 1, 1)
         self.rows, self.period_start, self.timed_steps = [], now, 0
         self.paused = self.data_wait = 0.0

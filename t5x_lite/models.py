@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import decoding
+from t5x_lite import kernels as kernels_lib
 from t5x_lite import layers
 from t5x_lite import moe as moe_lib
 from t5x_lite import ops
@@ -48,8 +49,11 @@ class T5Config:
     # (compiles one layer instead of all of them; the parameter tree changes shape).
     remat_policy: str = "none"
     scan_layers: bool = False
-    # How training and evaluation attend: "einsum", "xla" or "cudnn" (layers.py).
-    attention: str = "einsum"
+    # The hot path's kernels (kernels.py), chosen for `kernel_platform` ("auto": the backend
+    # this process runs on; precompile names its target's). `attention` overrides the
+    # platform's choice: "einsum", "xla", "cudnn" or "pallas_tpu".
+    attention: str = "auto"
+    kernel_platform: str = "auto"
     # Sparse Mixture-of-Experts MLPs in every moe.sparse_every-th layer; None: a dense model.
     moe: moe_lib.MoeConfig | None = None
 
@@ -71,22 +75,28 @@ class T5Config:
         if self.remat_policy not in layers.REMAT_POLICIES:
             raise ValueError(f"T5Config.remat_policy must be one of "
                              f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
-        if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"T5Config.attention must be one of "
-                             f"{layers.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
-        if self.attention != "einsum" and self.dropout_rate > 0:
+        for name, choices in (("attention", kernels_lib.ATTENTION_CHOICES),
+                              ("kernel_platform", kernels_lib.PLATFORM_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"T5Config.{name} must be one of {choices}, got "
+                                 f"{getattr(self, name)!r}")
+        if self.attention not in (kernels_lib.AUTO, "einsum") and self.dropout_rate > 0:
             raise ValueError(f"T5Config.attention = {self.attention!r} has no dropout on the "
                              "attention weights: use 'einsum' with dropout_rate > 0")
         if self.moe is not None and self.scan_layers:
             raise ValueError("T5Config.scan_layers needs identical layers, but moe makes some "
                              "sparse: set T5Config.scan_layers = False for MoE models")
 
+    def kernels(self) -> kernels_lib.Kernels:
+        return kernels_lib.resolve(self.kernel_platform, self.attention, self.activation_dtype,
+                                   self.head_dim, self.dropout_rate)
+
     def layer_config(self) -> layers.LayerConfig:
         return layers.LayerConfig(
             d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
             d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
             dropout_rate=self.dropout_rate, dtype=self.activation_dtype,
-            layer_norm_epsilon=self.layer_norm_epsilon, attention=self.attention)
+            layer_norm_epsilon=self.layer_norm_epsilon, kernels=self.kernels())
 
 
 class Transformer(nn.Module):
@@ -98,6 +108,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg, layer_cfg = self.config, self.config.layer_config()
+        self.kernels = layer_cfg.kernels
         self.token_embedder = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
             embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
@@ -105,7 +116,8 @@ class Transformer(nn.Module):
         def relative_bias(bidirectional: bool, name: str) -> layers.RelativePositionBias:
             return layers.RelativePositionBias(
                 cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                cfg.num_heads, bidirectional, cfg.activation_dtype, name=name)
+                cfg.num_heads, bidirectional, cfg.activation_dtype, self.kernels.precision,
+                name=name)
 
         self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
         self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
@@ -147,18 +159,16 @@ class Transformer(nn.Module):
                 "extra_dense_mlp": config.extra_dense_mlp}
 
     def _embed(self, tokens_BT: jax.Array) -> jax.Array:
-        """Token embeddings [B, T, D] in the activation dtype, looked up in float32: the
-        backward pass of a lookup is a scatter-add, which GPUs do natively in float32 but
-        emulate, very slowly, in bfloat16."""
-        table_VD = self.token_embedder.embedding
-        return jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.activation_dtype)
+        """Token embeddings [B, T, D] in the activation dtype (kernels.Kernels.embed)."""
+        return self.kernels.embed(self.token_embedder.embedding, tokens_BT,
+                                  self.config.activation_dtype)
 
     def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array,
                deterministic: bool = True) -> jax.Array:
         """Returns the encoded inputs [B, L, D]."""
         x_BLD = self.dropout(self._embed(encoder_input_tokens), deterministic)
         length = encoder_input_tokens.shape[1]
-        bias_BHLL = ops.add_position_bias(
+        bias_BHLL = self.kernels.add_position_bias(
             self.encoder_relative_bias(length, length),
             layers.mask_to_bias(layers.attention_mask(
                 encoder_segment_ids, encoder_segment_ids, causal=False),
@@ -192,7 +202,7 @@ class Transformer(nn.Module):
         y_BTD = self.dropout(self._embed(decoder_input_tokens), deterministic)
         length = decoder_input_tokens.shape[1]
         if decode_position is None:
-            self_bias_BHTT = ops.add_position_bias(
+            self_bias_BHTT = self.kernels.add_position_bias(
                 self.decoder_relative_bias(length, length),
                 layers.mask_to_bias(layers.attention_mask(
                     decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
@@ -211,7 +221,7 @@ class Transformer(nn.Module):
             # T5 v1.0 rescales before the tied projection (Mesh TensorFlow's convention).
             logits_BTV = self.token_embedder.attend(y_BTD * cfg.d_model ** -0.5)
         else:
-            logits_BTV = ops.project(y_BTD, self.logits_dense(), cfg.activation_dtype)
+            logits_BTV = self.kernels.project(y_BTD, self.logits_dense(), cfg.activation_dtype)
         return layers.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, batch: Batch, deterministic: bool = True) -> jax.Array:
@@ -242,14 +252,15 @@ def with_segment_ids(batch: Batch) -> Batch:
 
 
 def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
-                       z_loss: float) -> dict[str, jax.Array]:
+                       z_loss: float, cross_entropy: Callable = ops.softmax_cross_entropy
+                       ) -> dict[str, jax.Array]:
     """Summed (not averaged) loss terms over weighted target tokens, in float32.
 
     z_loss adds z_loss * log(Z)^2 per token (Chowdhery et al. 2022) to keep logits from
-    drifting; it is part of `loss` and reported alone as `z_loss`.
+    drifting; it is part of `loss` and reported alone as `z_loss`. `cross_entropy` is the
+    backend's (kernels.Kernels.cross_entropy).
     """
-    cross_entropy_BT, log_normalizer_BT, correct_BT = ops.softmax_cross_entropy(logits_BTV,
-                                                                            targets_BT)
+    cross_entropy_BT, log_normalizer_BT, correct_BT = cross_entropy(logits_BTV, targets_BT)
     z_loss_BT = z_loss * jnp.square(log_normalizer_BT)
     weights_BT = weights_BT.astype(jnp.float32)
     return {
@@ -307,7 +318,8 @@ class EncoderDecoderModel:
         dividing by the weight, as for every other sum, gives them back."""
         logits_BTV, layer_metrics = self.logits_and_moe_metrics(params, batch, dropout_rng)
         sums = cross_entropy_sums(logits_BTV, batch["decoder_target_tokens"],
-                                  batch["decoder_loss_weights"], self.config.z_loss)
+                                  batch["decoder_loss_weights"], self.config.z_loss,
+                                  self.config.kernels().cross_entropy)
         if layer_metrics:
             moe_sums = moe_lib.metric_sums(layer_metrics, self.config.moe, sums["weight"])
             sums["loss"] = sums["loss"] + moe_sums.pop("moe_loss")

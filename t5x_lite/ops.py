@@ -27,6 +27,13 @@ def project(inputs: jax.Array, kernel: jax.Array, dtype: jnp.dtype,
     return output_NO.reshape(lead_shape + kernel.shape[contracting:])
 
 
+def project_autodiff(inputs: jax.Array, kernel: jax.Array, dtype: jnp.dtype,
+                     contracting: int = 1) -> jax.Array:
+    """`project` with autodiff's backward pass, for backends whose compilers lay out the
+    transposes themselves (GPUs, TPUs)."""
+    return jnp.tensordot(inputs.astype(dtype), kernel.astype(dtype), axes=contracting)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _contract(contracting: int, inputs_NI: jax.Array, kernel_IO: jax.Array) -> jax.Array:
     """inputs [N, *I] . kernel [*I, *O] -> [N, *O]."""
@@ -172,6 +179,21 @@ def softmax_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array
     log_normalizer_BT = max_BT + jnp.log(
         jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return log_normalizer_BT - target_logit_BT, log_normalizer_BT, target_logit_BT >= max_BT
+
+
+def softmax_cross_entropy_autodiff(logits_BTV: jax.Array, targets_BT: jax.Array
+                                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`softmax_cross_entropy` for autodiff on GPUs and TPUs: the target's logit is picked
+    by a one-hot product, whose gradient is elementwise, where a lookup's is a scatter-add."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    # The shift cancels out of log Z: no gradient through the max (a variadic reduction).
+    max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+    log_normalizer_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]),
+                                                 axis=-1))
+    is_target_BTV = (jax.lax.broadcasted_iota(targets_BT.dtype, logits_BTV.shape, 2)
+                     == targets_BT[..., None])
+    target_logit_BT = jnp.sum(jnp.where(is_target_BTV, logits_BTV, 0.0), axis=-1)
     return log_normalizer_BT - target_logit_BT, log_normalizer_BT, target_logit_BT >= max_BT
 
 

@@ -21,6 +21,8 @@ import tempfile
 import threading
 from typing import Iterator
 
+from t5x_lite import host_memory
+
 # Read by TensorFlow when it loads: its own later C++ lines below ERROR are dropped.
 QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -34,6 +36,7 @@ def begin(module_name: str, stop_line: str) -> None:
     `stop_line` (after "Stopped by SIGINT: ") and exit 130 / 143."""
     if module_name != "__main__":
         return
+    host_memory.reuse_freed_memory_on_cpu()
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     _watch["stop_line"] = stop_line

@@ -29,6 +29,7 @@ import optax  # noqa: E402
 from t5x_lite import checkpoints  # noqa: E402
 from t5x_lite import evaluation  # noqa: E402
 from t5x_lite import faults  # noqa: E402
+from t5x_lite import flops  # noqa: E402
 from t5x_lite import gin_checks  # noqa: E402
 from t5x_lite import hf  # noqa: E402
 from t5x_lite import launch  # noqa: E402
@@ -598,7 +599,13 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     train_step, eval_step = trainer.compile_train_step(), trainer.compile_eval_step()
     step = int(state.step)
     lengths = data.task_feature_lengths
-    period = metrics_io.LogPeriod(step, data.batch_size * (lengths["inputs"] + lengths["targets"]))
+    devices = trainer.mesh.devices.size
+    peak = flops.peak_bf16_flops(trainer.mesh.devices.flat[0].device_kind)
+    period = metrics_io.LogPeriod(
+        step, data.batch_size * (lengths["inputs"] + lengths["targets"]),
+        flops.model_flops_per_step(trainer.model.config, data.batch_size, lengths["inputs"],
+                                   lengths["targets"]),
+        devices, peak and peak * devices)
     report_metrics = task_metrics_reporter(trainer, data, loop, writer)
     if step == 0:
         report_eval(writer, eval_step, state, data, trainer.mesh, loop, say)

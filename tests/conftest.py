@@ -2,7 +2,7 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The suite is mostly compilation, which t5x_lite's single malloc arena slows by about
+# The suite is mostly compilation, which the entry points' single malloc arena slows by about
 # 40% (docs/performance.md): glibc as it comes here and in the processes tests start, but
 # in tests/host_memory_test.py. Set before anything imports t5x_lite.
 os.environ.setdefault("T5X_LITE_SYSTEM_MALLOC", "1")

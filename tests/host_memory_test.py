@@ -11,7 +11,8 @@ import pytest
 from t5x_lite import host_memory
 
 # Page faults of each of 10 t5_1_1_tiny train steps at batch 4 x 256/64, in a new process that
-# imports t5x_lite (as every entry point does) before JAX creates its CPU client.
+# imports scripts/benchmark.py, which sets malloc up as the entry points do (startup.begin)
+# before JAX creates its CPU client.
 _STEP_FAULTS = textwrap.dedent("""
     import json, resource, sys
     sys.path.insert(0, "scripts")
@@ -53,3 +54,21 @@ def test_train_steps_reuse_freed_pages():
 def test_skipped_when_opted_out_or_malloc_is_already_tuned(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     assert host_memory.reuse_freed_memory() is False
+
+
+def test_only_on_the_cpu_and_never_on_import(monkeypatch):
+    for platforms, on_cpu in (("cpu", True), ("cuda", False), ("tpu", False),
+                              ("cuda,cpu", False)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert host_memory.runs_on_cpu() is on_cpu
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.delenv(host_memory.OPT_OUT_VARIABLE, raising=False)
+    assert host_memory.reuse_freed_memory_on_cpu() is False
+    # Importing the package (a notebook, another framework beside it) leaves malloc alone.
+    probe = ("from t5x_lite import host_memory; calls = []; "
+             "host_memory.reuse_freed_memory = lambda: calls.append(1); "
+             "import t5x_lite.models, t5x_lite.train, t5x_lite.eval, t5x_lite.infer; "
+             "print(len(calls))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and result.stdout.split()[-1] == "0", result.stderr[-2000:]

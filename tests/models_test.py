@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import models
+from t5x_lite import ops
 
 CONFIG = models.T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=48,
                          num_encoder_layers=2, num_decoder_layers=2,
@@ -88,21 +89,27 @@ def test_loss_matches_numpy_float64(model_and_params):
     assert float(sums["correct"]) == correct.sum() and float(sums["weight"]) == weights.sum()
 
 
-def test_cross_entropy_gradient_matches_numpy_float64():
-    """The hand-written backward pass: d(sum of weighted cross-entropy and z-loss)/d logits
-    = weight * (softmax * (1 + 2 z log Z) - onehot(target)), in float64."""
+@pytest.mark.parametrize("cross_entropy", [ops.softmax_cross_entropy,
+                                           ops.softmax_cross_entropy_autodiff])
+def test_cross_entropy_gradient_matches_numpy_float64(cross_entropy):
+    """The hand-written backward pass (CPU) and autodiff's (accelerators): d(sum of weighted
+    cross-entropy and z-loss)/d logits = weight * (softmax * (1 + 2 z log Z) - onehot(target)),
+    in float64; "correct" as argmax == target."""
     logits_BTV = jax.random.normal(jax.random.key(3), (2, 4, 11), jnp.float32) * 3
     targets_BT = jnp.asarray([[0, 3, 10, 5], [7, 7, 1, 2]])
     weights_BT = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1]])
     z_loss = 1e-2
-    gradient = jax.jit(jax.grad(lambda logits: models.cross_entropy_sums(
-        logits, targets_BT, weights_BT, z_loss)["loss"]))(logits_BTV)
+    sums = jax.jit(lambda logits: models.cross_entropy_sums(
+        logits, targets_BT, weights_BT, z_loss, cross_entropy))
+    gradient = jax.grad(lambda logits: sums(logits)["loss"])(logits_BTV)
     x = np.asarray(logits_BTV, np.float64)
     log_z = np.log(np.exp(x).sum(-1, keepdims=True))
     one_hot = np.eye(11)[np.asarray(targets_BT)]
     want = (np.exp(x - log_z) * (1 + 2 * z_loss * log_z) - one_hot) * np.asarray(
         weights_BT)[..., None]
     np.testing.assert_allclose(np.asarray(gradient), want, rtol=1e-5, atol=1e-6)
+    correct = (x.argmax(-1) == np.asarray(targets_BT)) * np.asarray(weights_BT)
+    assert float(sums(logits_BTV)["correct"]) == correct.sum()
 
 
 def test_greedy_decode_emits_the_argmax_of_its_own_prefix(model_and_params):
@@ -132,6 +139,8 @@ def test_config_rejects_bad_values():
         models.T5Config(num_heads=0)
     with pytest.raises(ValueError, match="attention must be one of"):
         models.T5Config(attention="flash")
+    with pytest.raises(ValueError, match="kernel_platform must be one of"):
+        models.T5Config(kernel_platform="metal")
     with pytest.raises(ValueError, match="no dropout on the attention weights"):
         models.T5Config(attention="xla", dropout_rate=0.1)
 

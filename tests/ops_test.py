@@ -58,12 +58,14 @@ def test_add_position_bias_sums_the_gradient_over_the_batch():
     np.testing.assert_allclose(mask_gradient, g.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", [ops.project, ops.project_autodiff])
 @pytest.mark.parametrize("shape_in,shape_out", [((6,), (9,)), ((9,), (2, 3)), ((3, 2), (4,))])
-def test_project_matches_numpy_float64(shape_in, shape_out):
-    """Both branches of the backward pass (inputs narrower and wider than the output)."""
+def test_project_matches_numpy_float64(shape_in, shape_out, implementation):
+    """Both branches of the hand-written backward pass (inputs narrower and wider than the
+    output), and the autodiff version accelerators run."""
     inputs, kernel, gradient = random_arrays((2, 5) + shape_in, shape_in + shape_out,
                                              (2, 5) + shape_out)
-    project = jax.jit(lambda x, w: ops.project(x, w, jnp.float32, len(shape_in)))
+    project = jax.jit(lambda x, w: implementation(x, w, jnp.float32, len(shape_in)))
     output, vjp = jax.vjp(project, inputs, kernel)
     x = np.asarray(inputs, np.float64).reshape(10, -1)
     w = np.asarray(kernel, np.float64).reshape(x.shape[1], -1)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from t5x_lite import eval as eval_lib
+from t5x_lite import flops
 from t5x_lite import launch
+from t5x_lite import models
 from t5x_lite import train
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab
@@ -72,6 +74,15 @@ def test_loss_falls_and_rerun_resumes(task_name, tmp_path, capsys):
     # Byte-level loss starts near log(384) = 5.95 nats; steps 2-5 average about 4.2, and by
     # step 20 the model has learnt much of this repetitive text (about 1.7).
     assert rows[0]["loss"] > 3.5 and rows[-1]["loss"] < rows[0]["loss"] - 1.5
+    # Model FLOPs per token slot, through the same seconds as tok/s; no MFU on CPUs (no
+    # published peak). 8 rows of 32 + 8 slots per step on one device.
+    config = models.T5Config(vocab_size=384, d_model=128, num_heads=4, head_dim=32, d_ff=512,
+                             num_encoder_layers=2, num_decoder_layers=2)
+    for row in rows:
+        np.testing.assert_allclose(
+            row["model_tflops_per_device"] * 1e12 / row["tokens_per_second"],
+            flops.model_flops_per_step(config, 8, 32, 8) / (8 * 40), rtol=1e-6)
+        assert "mfu" not in row
     validation = metric_rows(tmp_path, "validation")
     assert [row["step"] for row in validation] == [0, 10, 20]
     assert validation[0]["loss"] > validation[1]["loss"] > validation[2]["loss"]
