@@ -19,9 +19,11 @@ import enum
 import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from t5x_lite import ops
 
@@ -163,6 +165,28 @@ def _cudnn_attention(query_BTHK, key_BSHK, value_BSHK, bias_BHTS):
 
 
 def _pallas_tpu_attention(query_BTHK, key_BSHK, value_BSHK, bias_BHTS):
+    """Pallas flash attention. XLA cannot partition a Mosaic kernel, so under a mesh it runs
+    per device in a shard_map: rows split as the "batch" axis is, heads as "heads"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _pallas_tpu_attention_local(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
+
+    def spec(logical_axes, shape):
+        # A broadcast (size-1) dimension of the bias stays whole on every device.
+        mesh_axes = nn.logical_to_mesh_axes(logical_axes)
+        return PartitionSpec(*(None if size == 1 else axes
+                               for axes, size in zip(mesh_axes, shape)))
+
+    qkv_axes = ("batch", "length", "heads", "kv")
+    in_specs = (spec(qkv_axes, query_BTHK.shape), spec(qkv_axes, key_BSHK.shape),
+                spec(qkv_axes, value_BSHK.shape),
+                spec(("batch", "heads", "length", None), bias_BHTS.shape))
+    return jax.shard_map(_pallas_tpu_attention_local, mesh=mesh, in_specs=in_specs,
+                         out_specs=in_specs[0], check_vma=False)(
+        query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
+
+
+def _pallas_tpu_attention_local(query_BTHK, key_BSHK, value_BSHK, bias_BHTS):
     """Pallas flash attention, whose blocks are PALLAS_BLOCK long: queries and keys are padded
     to a multiple of it, padded keys masked by the bias, padded queries dropped."""
     from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash

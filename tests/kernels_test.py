@@ -1,6 +1,7 @@
 """The backend table (kernels.py): what each platform resolves to, the TPU's Pallas flash
 attention (in interpret mode) against the spelled-out einsums, and whole models on each
 platform's kernels against the CPU's."""
+import contextlib
 import dataclasses
 
 import jax
@@ -13,6 +14,8 @@ from t5x_lite import kernels
 from t5x_lite import layers
 from t5x_lite import models
 from t5x_lite import ops
+from t5x_lite import partitioning
+from t5x_lite import trainer as trainer_lib
 
 from tests.models_test import CONFIG, packed_batch
 
@@ -118,17 +121,21 @@ def loss_and_gradients(config: models.T5Config, params, batch):
     return jax.jit(jax.value_and_grad(lambda p: model.loss(p, batch)[0]))(params)
 
 
-@pytest.mark.parametrize("platform, attention", [("gpu", "xla"), ("tpu", "pallas_tpu")])
-def test_a_model_on_each_platforms_kernels_equals_the_cpus(platform, attention):
+@pytest.mark.parametrize("platform, attention, in_mesh", [
+    ("gpu", "xla", False), ("tpu", "pallas_tpu", False), ("tpu", "pallas_tpu", True)])
+def test_a_model_on_each_platforms_kernels_equals_the_cpus(platform, attention, in_mesh):
     """The accelerators' tables (autodiff projections and cross-entropy, a plain bias sum,
     the one-hot embedding on TPUs, their attention) give the CPU table's loss and gradients:
-    float32, packed rows with padding."""
+    float32, packed rows with padding. In a mesh, Pallas runs per device in a shard_map
+    (XLA cannot partition a Mosaic kernel)."""
     batch = {key: jnp.asarray(value) for key, value in packed_batch().items()}
     cpu_config = dataclasses.replace(CONFIG, kernel_platform="cpu")
     params = models.EncoderDecoderModel(cpu_config).init(jax.random.key(0))
     want_loss, want = loss_and_gradients(cpu_config, params, batch)
     config = dataclasses.replace(CONFIG, kernel_platform=platform, attention=attention)
-    with pltpu.force_tpu_interpret_mode():
+    mesh = partitioning.create_mesh(partitioning.MeshConfig())
+    with pltpu.force_tpu_interpret_mode(), (
+            trainer_lib.mesh_context(mesh) if in_mesh else contextlib.nullcontext()):
         got_loss, got = loss_and_gradients(config, params, batch)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for (path, want_leaf), got_leaf in zip(jax.tree_util.tree_leaves_with_path(want),
