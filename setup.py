@@ -25,5 +25,6 @@ setuptools.setup(
     ],
     # The tests check parity with transformers' T5 on the CPU build of torch (constraints.txt
     # pins the CPU build that pip finds on this project's machines).
-    extras_require={"test": ["pytest", "torch", "transformers"]},
+    # `aot`: t5x_lite.precompile's compilers for accelerators this machine lacks (libtpu).
+    extras_require={"test": ["pytest", "torch", "transformers"], "aot": ["libtpu"]},
 )

@@ -4,10 +4,11 @@ it (model_tflops_per_device, mfu) and scripts/benchmark.py and t5x_lite.precompi
 The convention is MaxText's and PaLM's: matmul FLOPs only, 2 per multiply-add, the backward
 pass twice the forward, rematerialised recomputation not counted.
 """
+from t5x_lite import accelerators
 from t5x_lite import models
 
 # Published dense bf16 peaks in FLOP/s per device, by the start of jax's `device_kind` (the
-# first match wins: more specific names first).
+# first match wins: more specific names first); TPUs from accelerators.CHIPS.
 PEAK_BF16_FLOPS = (
     ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H100", 989e12),  # SXM (the 80GB HBM3 parts)
@@ -15,13 +16,7 @@ PEAK_BF16_FLOPS = (
     ("NVIDIA H20", 148e12),
     ("NVIDIA A100", 312e12),
     ("NVIDIA L4", 121e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
+    *((chip.device_kind, chip.peak_bf16_flops) for chip in accelerators.CHIPS.values()),
     ("TPU v3", 123e12),
 )
 

@@ -262,14 +262,16 @@ def zero_batch(task_feature_lengths: dict, batch_size: int) -> dict[str, np.ndar
 
 
 def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
-                        num_microbatches: int) -> None:
-    """The global batch must split evenly over the batch's devices and the microbatches."""
-    divisor = mesh_config.batch_divisor(jax.device_count()) * num_microbatches
+                        num_microbatches: int, device_count: int | None = None) -> None:
+    """The global batch must split evenly over the batch's devices (of `device_count`, by
+    default all of this run's) and the microbatches."""
+    batch_devices = mesh_config.batch_divisor(device_count or jax.device_count())
+    divisor = batch_devices * num_microbatches
     if data.batch_size % divisor:
         raise ValueError(
             f"BATCH_SIZE {data.batch_size} does not divide over data x fsdp x expert = "
-            f"{mesh_config.batch_divisor(jax.device_count())} devices x num_microbatches = "
-            f"{num_microbatches}: use a multiple of {divisor}")
+            f"{batch_devices} devices x num_microbatches = {num_microbatches}: use a "
+            f"multiple of {divisor}")
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,

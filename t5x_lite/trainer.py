@@ -139,13 +139,19 @@ class Trainer:
             metrics["consecutive_skips"] = opt_state.notfinite_count
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def compile_train_step(self) -> Callable:
+    def jitted_train_step(self) -> Callable:
+        """The train step, jitted with its shardings (to call inside the mesh, or lower)."""
         shardings = self.state_shardings
         batch_sharding = partitioning.batch_sharding(self.mesh)
-        step = jax.jit(self._train_step, in_shardings=(shardings, batch_sharding),
+        return jax.jit(self._train_step, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, partitioning.replicated(self.mesh)),
                        donate_argnums=0)
-        return self._wrap(step)
+
+    def compile_train_step(self) -> Callable:
+        return self._wrap(self.jitted_train_step())
+
+    def jitted_eval_step(self) -> Callable:
+        return jitted_eval_step(self.model, self.mesh, self.state_shardings.params)
 
     def compile_eval_step(self) -> Callable:
         return compile_eval_step(self.model, self.mesh, self.state_shardings.params, self.rules)
@@ -157,11 +163,12 @@ class Trainer:
 def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSchedule,
                   optimizer: Callable[..., optax.GradientTransformation],
                   mesh_config: partitioning.MeshConfig, seed: int,
-                  num_microbatches: int = 1, max_consecutive_skips: int | None = None
-                  ) -> Trainer:
+                  num_microbatches: int = 1, max_consecutive_skips: int | None = None,
+                  devices: list | None = None) -> Trainer:
     """With `max_consecutive_skips` (nan_policy "skip") the optimizer leaves the parameters
-    unchanged on a step whose gradients are not finite (optax.apply_if_finite)."""
-    mesh = partitioning.create_mesh(mesh_config)
+    unchanged on a step whose gradients are not finite (optax.apply_if_finite). `devices`
+    (default: this process's) may be a topology's, to compile for it (precompile.py)."""
+    mesh = partitioning.create_mesh(mesh_config, devices)
     moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
     if not callable(learning_rate):
         learning_rate = optax.constant_schedule(learning_rate)
@@ -234,10 +241,13 @@ def _dict_keys(path) -> tuple:
 def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,
                       rules=partitioning.LOGICAL_AXIS_RULES) -> Callable:
     """Returns fn(params, batch) -> summed loss / z_loss / correct / weight over the batch."""
-    step = jax.jit(lambda params, batch: model.loss_sums(params, batch),
+    return in_mesh(jitted_eval_step(model, mesh, shardings), mesh, rules)
+
+
+def jitted_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings) -> Callable:
+    return jax.jit(lambda params, batch: model.loss_sums(params, batch),
                    in_shardings=(shardings, partitioning.batch_sharding(mesh)),
                    out_shardings=partitioning.replicated(mesh))
-    return in_mesh(step, mesh, rules)
 
 
 def per_token_metrics(sums: dict) -> dict:

@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs on the CPU; with libtpu installed (the aot extra, for precompile's tests)
+# JAX would otherwise try to start a TPU in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite is mostly compilation, which the entry points' single malloc arena slows by about
 # 40% (docs/performance.md): glibc as it comes here and in the processes tests start, but
 # in tests/host_memory_test.py. Set before anything imports t5x_lite.

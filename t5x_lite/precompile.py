@@ -1,0 +1,261 @@
+"""Compiles a run's train and eval steps for an accelerator topology on a machine without it,
+and says whether the run fits: per-device memory, the attention kernel, collectives, hazards
+left in the step (scatters, sorts), XLA's FLOPs and bytes and the roofline MFU.
+
+  python -m t5x_lite.precompile --gin_file=gin/models/t5_1_1_base.gin \\
+      --gin_file=gin/runs/pretrain.gin --gin.BATCH_SIZE=128 --topology=v5e:2x4 [--json]
+
+The same gin files and bindings as t5x_lite.train; no data and no MODEL_DIR are read. TPU
+topologies need libtpu (pip install -e '.[aot]'). Exit 0 when the run fits, 2 (with one line
+naming what would) when it does not.
+"""
+from t5x_lite import startup
+
+# Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
+# with one line at any moment (startup.py).
+startup.begin(__name__, "nothing was compiled; rerun the same command")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import gin  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from t5x_lite import accelerators  # noqa: E402
+from t5x_lite import flops  # noqa: E402
+from t5x_lite import launch  # noqa: E402
+from t5x_lite import partitioning  # noqa: E402
+from t5x_lite import train  # noqa: E402
+from t5x_lite import trainer as trainer_lib  # noqa: E402
+from t5x_lite.data import pipeline  # noqa: E402
+
+# Macros a training run must set that compiling never reads; the command line overrides them.
+UNUSED_RUN_MACROS = ["MODEL_DIR = '/precompile/reads/no/model_dir'", "TRAIN_STEPS = 1"]
+# libtpu looks for the TPU it runs on unless told there is none to find.
+LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+HAZARDS = ("scatter", "sort")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topology", required=True,
+                        help="CHIP:GRID, e.g. v5e:2x4 (chips: "
+                             f"{', '.join(accelerators.CHIPS)})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def topology_devices(topology: accelerators.Topology) -> list:
+    """The devices of `topology`, described by its platform's compiler, not present."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise launch.UsageError("compiling for TPUs needs libtpu: pip install -e '.[aot]'")
+    for name, value in LIBTPU_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    from jax.experimental import topologies
+
+    grid = "x".join(map(str, topology.shape))
+    with startup.stderr_shown_only_on_failure():
+        description = topologies.get_topology_desc(
+            topology_name=f"{topology.chip.name}:{grid}", platform=topology.chip.platform)
+    return list(description.devices)
+
+
+def run_settings() -> dict:
+    """t5x_lite.train.run's arguments as the parsed gin files bind them (defaults filled)."""
+    settings = {name: parameter.default for name, parameter
+                in inspect.signature(train.run).parameters.items()}
+    settings.update(gin.get_bindings(train.run))
+    return settings
+
+
+def abstract_batch(batch_size: int, lengths: dict, mesh) -> dict:
+    sharding = partitioning.batch_sharding(mesh)
+    length_of = {key: lengths["inputs" if key.startswith("encoder") else "targets"]
+                 for key in pipeline.BATCH_KEYS}
+    return {key: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+            for key, length in length_of.items()}
+
+
+def compiled_steps(trainer: trainer_lib.Trainer, batch: dict) -> dict:
+    """The train and eval steps compiled for the trainer's mesh, with compile seconds."""
+    state = trainer.sharded_abstract_state()
+    started = time.perf_counter()
+    with trainer_lib.mesh_context(trainer.mesh, trainer.rules):
+        train_step = trainer.jitted_train_step().lower(state, batch).compile()
+        train_seconds = time.perf_counter() - started
+        eval_step = trainer.jitted_eval_step().lower(state.params, batch).compile()
+    return {"train": train_step, "eval": eval_step, "train_compile_seconds": train_seconds}
+
+
+def _opcode_pattern(opcodes) -> re.Pattern:
+    """An HLO instruction `%name = TYPE OPCODE(` (an async op counted at its start); TYPE
+    may be a tuple with spaces."""
+    return re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?)[ ]?\b(" + "|".join(opcodes)
+                      + r")(?:-start)?\(")
+
+
+def instruction_counts(hlo_text: str, opcodes) -> dict[str, int]:
+    pattern = _opcode_pattern(opcodes)
+    counts = collections.Counter(match.group(2) for match in map(pattern.match,
+                                                                 hlo_text.splitlines())
+                                 if match)
+    return dict(sorted(counts.items()))
+
+
+def hazards(hlo_text: str) -> list[dict]:
+    """Each scatter or sort left in the program: its kind, result type and op name."""
+    pattern, found = _opcode_pattern(HAZARDS), []
+    for line in hlo_text.splitlines():
+        match = pattern.match(line)
+        if match:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            found.append({"op": match.group(2), "type": match.group(1).split("{")[0],
+                          "op_name": op_name.group(1) if op_name else ""})
+    return found
+
+
+def memory_per_device(compiled, state) -> dict[str, int]:
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    return {"parameters": partitioning.per_device_bytes(state.params),
+            "optimizer_state": partitioning.per_device_bytes(state.opt_state),
+            "temporaries": memory.temp_size_in_bytes, "total": total}
+
+
+def report(topology: accelerators.Topology, trainer: trainer_lib.Trainer, steps: dict,
+           data: train.DataConfig) -> dict:
+    chip, compiled = topology.chip, steps["train"]
+    state = trainer.sharded_abstract_state()
+    hlo_text = compiled.as_text()
+    per_device = memory_per_device(compiled, state)
+    lengths = data.task_feature_lengths
+    model_flops = flops.model_flops_per_step(trainer.model.config, data.batch_size,
+                                             lengths["inputs"], lengths["targets"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    roofline_seconds = max(xla_flops / chip.peak_bf16_flops, xla_bytes / chip.memory_bandwidth)
+    return {
+        "topology": topology.name, "platform": chip.platform, "device_kind": chip.device_kind,
+        "devices": topology.devices, "mesh": dict(trainer.mesh.shape),
+        "attention_kernel": trainer.model.config.kernels().attention.value,
+        "per_device_bytes": per_device, "device_memory_bytes": chip.memory_bytes,
+        "fits": per_device["total"] <= chip.memory_bytes,
+        "model_flops_per_step": model_flops,
+        "collectives": instruction_counts(hlo_text, COLLECTIVES),
+        "hazards": hazards(hlo_text),
+        "eval_step_hazards": hazards(steps["eval"].as_text()),
+        "xla_flops": xla_flops, "xla_bytes_accessed": xla_bytes,
+        "roofline_step_seconds": roofline_seconds,
+        "roofline_bound": ("FLOPs" if xla_flops / chip.peak_bf16_flops
+                           >= xla_bytes / chip.memory_bandwidth else "memory traffic"),
+        "roofline_mfu": (model_flops / topology.devices / chip.peak_bf16_flops
+                         / roofline_seconds if roofline_seconds else 0.0),
+        "compile_seconds": steps["train_compile_seconds"],
+    }
+
+
+def what_would_fit(result: dict, settings: dict) -> str:
+    """One line: the run does not fit, and the changes that cut what dominates."""
+    per_device, gib = result["per_device_bytes"], accelerators.GIB
+    state_bytes = per_device["parameters"] + per_device["optimizer_state"]
+    advice = []
+    if result["mesh"].get("fsdp", 1) == 1:
+        advice.append("shard parameters and optimizer state (--gin_file=gin/partitioning/"
+                      "fsdp.gin)")
+    if per_device["temporaries"] > state_bytes:
+        advice.append(f"set models.T5Config.remat_policy (now "
+                      f"{settings['model_config'].remat_policy!r}) or raise "
+                      f"t5x_lite.train.run.num_microbatches (now {settings['num_microbatches']})")
+    advice.append("use a topology with more chips")
+    return (f"does not fit: {per_device['total'] / gib:.1f} GiB per device on "
+            f"{result['topology']} ({result['device_memory_bytes'] / gib:.0f} GiB each; "
+            f"parameters + optimizer state {state_bytes / gib:.1f} GiB, temporaries "
+            f"{per_device['temporaries'] / gib:.1f} GiB): " + ", or ".join(advice))
+
+
+def format_table(result: dict) -> str:
+    mib = 2**20
+    per_device = result["per_device_bytes"]
+    rows = [("topology", f"{result['topology']} ({result['devices']} x {result['device_kind']}"
+                         f", mesh {result['mesh']})"),
+            ("attention kernel", result["attention_kernel"]),
+            ("per device", "  ".join(f"{name} {value / mib:,.0f} MiB"
+                                     for name, value in per_device.items())),
+            ("fits", f"{result['fits']} (of {result['device_memory_bytes'] / mib:,.0f} MiB)"),
+            ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),
+            ("XLA per device", f"{result['xla_flops']:.4g} FLOPs, "
+                               f"{result['xla_bytes_accessed']:.4g} bytes"),
+            ("roofline", f"{result['roofline_step_seconds'] * 1e3:.1f} ms a step, bound by "
+                         f"{result['roofline_bound']}, MFU {result['roofline_mfu']:.1%}"),
+            ("collectives", json.dumps(result["collectives"])),
+            ("hazards", json.dumps(result["hazards"]) if result["hazards"] else "none"),
+            ("compile", f"{result['compile_seconds']:.1f} s")]
+    return "\n".join(f"{name:<22}{value}" for name, value in rows)
+
+
+def precompile(topology_name: str) -> dict:
+    """Compiles the parsed gin configuration's run for `topology_name`; its report."""
+    topology = accelerators.parse_topology(topology_name)
+    settings = run_settings()
+    data = settings["data"].filled(train.TRAINING_DEFAULTS)
+    devices = topology_devices(topology)
+    train.check_batch_divides(data, settings["mesh_config"], settings["num_microbatches"],
+                              len(devices))
+    model_config = dataclasses.replace(settings["model_config"],
+                                       kernel_platform=topology.chip.platform)
+    trainer = trainer_lib.build_trainer(
+        model_config, settings["learning_rate"], settings["optimizer"],
+        settings["mesh_config"], seed=0, num_microbatches=settings["num_microbatches"],
+        devices=devices)
+    state = trainer.sharded_abstract_state()
+    state_bytes = (partitioning.per_device_bytes(state.params)
+                   + partitioning.per_device_bytes(state.opt_state))
+    if state_bytes > topology.chip.memory_bytes:
+        raise launch.UsageError(state_does_not_fit(topology, trainer, state_bytes))
+    batch = abstract_batch(data.batch_size, data.task_feature_lengths, trainer.mesh)
+    result = report(topology, trainer, compiled_steps(trainer, batch), data)
+    result["advice"] = "" if result["fits"] else what_would_fit(result, settings)
+    return result
+
+
+def state_does_not_fit(topology: accelerators.Topology, trainer: trainer_lib.Trainer,
+                       state_bytes: int) -> str:
+    """The line for parameters and optimizer state that alone exceed a device (nothing is
+    compiled then), naming the chip count at which fsdp would hold them."""
+    gib, memory = accelerators.GIB, topology.chip.memory_bytes
+    total = sum(leaf.size * leaf.dtype.itemsize
+                for leaf in jax.tree_util.tree_leaves(trainer.abstract_state))
+    chips = -(-total // memory)
+    fsdp = ("" if trainer.mesh.shape["fsdp"] > 1
+            else "shard them with --gin_file=gin/partitioning/fsdp.gin and ")
+    return (f"does not fit: parameters + optimizer state alone take {state_bytes / gib:.1f} "
+            f"GiB per device on {topology.name} ({memory / gib:.0f} GiB each): {fsdp}use "
+            f"a topology of more than {chips} chips (activations need room too)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    launch.quiet_library_logs()
+    with launch.bad_input_exits(argv) as argv:
+        args = launch.parse_flags(argv, __doc__, _parser())
+        launch.import_modules(args.module_import)
+        launch.parse_gin(args.gin_file, UNUSED_RUN_MACROS + args.gin_bindings)
+        result = precompile(args.topology)
+        print(json.dumps(result) if args.json else format_table(result), flush=True)
+        if not result["fits"]:
+            raise launch.UsageError(result["advice"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""t5x_lite.precompile compiles the exact train step for a TPU topology this machine lacks
+(libtpu, the aot extra) and reports what the run needs; runs that do not fit, unknown
+topologies and meshes that do not match the topology end in one line, exit 2."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from t5x_lite import launch
+from t5x_lite import models
+
+REPO = os.path.dirname(launch.GIN_DIR)
+TINY = ["--gin_file=gin/models/t5_1_1_tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}"]
+
+
+def precompile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "t5x_lite.precompile", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def report(*args: str) -> dict:
+    result = precompile(*args, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def tiny_parameter_shapes() -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """(shape, logical axes) of every t5_1_1_tiny parameter, from the model definition."""
+    model = models.EncoderDecoderModel(models.T5Config(
+        vocab_size=32128, d_model=128, num_heads=4, head_dim=32, d_ff=512,
+        num_encoder_layers=2, num_decoder_layers=2))
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    return [(leaf.shape, tuple(axes)) for leaf, axes in
+            zip(jax.tree_util.tree_leaves(shapes),
+                jax.tree_util.tree_leaves(model.logical_axes(),
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))]
+
+
+def test_tiny_on_v5e_uses_pallas_and_leaves_no_scatter():
+    result = report(*TINY, "--gin.BATCH_SIZE=16", "--topology=v5e:2x2")
+    assert (result["platform"], result["devices"], result["attention_kernel"]) == (
+        "tpu", 4, "pallas_tpu")
+    assert result["hazards"] == [] and result["eval_step_hazards"] == []
+    assert result["collectives"].get("all-reduce", 0) >= 1  # the gradients' sum over rows
+    per_device = result["per_device_bytes"]
+    assert result["fits"] and per_device["total"] >= (per_device["parameters"]
+                                                      + per_device["optimizer_state"])
+    # Data parallel: every chip holds every parameter, float32.
+    params = sum(math.prod(shape) for shape, _ in tiny_parameter_shapes())
+    assert result["per_device_bytes"]["parameters"] == 4 * params
+    for key in ("xla_flops", "xla_bytes_accessed", "roofline_step_seconds", "roofline_mfu",
+                "model_flops_per_step"):
+        assert result[key] > 0, key
+
+
+def test_fsdp_over_eight_chips_holds_an_eighth_of_each_embed_dimension():
+    """AdamW's two moments follow their parameters' shardings; fsdp.gin splits every "embed"
+    dimension (128 wide here) over the 8 chips and leaves the others whole."""
+    result = report(*TINY, "--gin_file=gin/partitioning/fsdp.gin", "--gin.BATCH_SIZE=16",
+                    "--gin.t5x_lite.train.run.optimizer=@optimizers.adamw",
+                    "--topology=v5e:2x4")
+    per_chip = sum(math.prod(shape) // (8 if "embed" in axes else 1)
+                   for shape, axes in tiny_parameter_shapes())
+    assert result["mesh"]["fsdp"] == 8
+    assert result["per_device_bytes"]["parameters"] == 4 * per_chip
+    # mu and nu, plus AdamW's step count.
+    assert 0 <= result["per_device_bytes"]["optimizer_state"] - 2 * 4 * per_chip <= 64
+    assert result["collectives"].get("all-gather", 0) > 0
+
+
+@pytest.mark.parametrize("model_file, partitioning_file", [
+    ("switch_tiny", "expert"), ("t5_1_1_tiny", "fsdp_tensor")])
+def test_partitioned_runs_compile_and_report_their_collectives(model_file, partitioning_file):
+    result = report(f"--gin_file=gin/models/{model_file}.gin",
+                    "--gin_file=gin/runs/pretrain.gin",
+                    f"--gin_file=gin/partitioning/{partitioning_file}.gin",
+                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}",
+                    "--gin.BATCH_SIZE=16", "--topology=v5e:2x4")
+    assert result["fits"] and sum(result["collectives"].values()) > 0
+    if partitioning_file == "expert":
+        assert result["collectives"].get("all-to-all", 0) > 0
+
+
+def test_xxl_without_fsdp_does_not_fit_and_says_what_would():
+    result = precompile("--gin_file=gin/models/t5_1_1_xxl.gin",
+                        "--gin_file=gin/runs/pretrain.gin", "--gin.BATCH_SIZE=4",
+                        "--topology=v5e:2x2")
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: does not fit: parameters + optimizer state alone take")
+    assert "gin/partitioning/fsdp.gin" in line and "more than" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology=h800:8"], "unknown topology 'h800:8': known chips are v4:2x2"),
+    (["--topology=v5e"], "has no grid"),
+    (["--topology=v5e:2x2", "--gin.partitioning.MeshConfig.tensor=3"], "tensor"),
+])
+def test_bad_topologies_are_one_line(args, message):
+    result = precompile(*TINY, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
