@@ -40,7 +40,9 @@ from t5x_lite.data import pipeline  # noqa: E402
 # Macros a training run must set that compiling never reads; the command line overrides them.
 UNUSED_RUN_MACROS = ["MODEL_DIR = '/precompile/reads/no/model_dir'", "TRAIN_STEPS = 1"]
 # libtpu looks for the TPU it runs on unless told there is none to find.
-LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                      # Compiling needs no chip: other processes may load libtpu too.
+                      "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 HAZARDS = ("scatter", "sort")
 
@@ -170,19 +172,24 @@ def what_would_fit(result: dict, settings: dict) -> str:
     """One line: the run does not fit, and the changes that cut what dominates."""
     per_device, gib = result["per_device_bytes"], accelerators.GIB
     state_bytes = per_device["parameters"] + per_device["optimizer_state"]
-    advice = []
-    if result["mesh"].get("fsdp", 1) == 1:
-        advice.append("shard parameters and optimizer state (--gin_file=gin/partitioning/"
-                      "fsdp.gin)")
-    if per_device["temporaries"] > state_bytes:
-        advice.append(f"set models.T5Config.remat_policy (now "
-                      f"{settings['model_config'].remat_policy!r}) or raise "
-                      f"t5x_lite.train.run.num_microbatches (now {settings['num_microbatches']})")
-    advice.append("use a topology with more chips")
     return (f"does not fit: {per_device['total'] / gib:.1f} GiB per device on "
             f"{result['topology']} ({result['device_memory_bytes'] / gib:.0f} GiB each; "
             f"parameters + optimizer state {state_bytes / gib:.1f} GiB, temporaries "
-            f"{per_device['temporaries'] / gib:.1f} GiB): " + ", or ".join(advice))
+            f"{per_device['temporaries'] / gib:.1f} GiB): "
+            + advice(result["mesh"], settings, per_device["temporaries"] > state_bytes))
+
+
+def advice(mesh_shape: dict, settings: dict, temporaries_dominate: bool) -> str:
+    """The changes that would cut a step's memory, those for what dominates first."""
+    changes = []
+    if mesh_shape.get("fsdp", 1) == 1:
+        changes.append("shard parameters and optimizer state (--gin_file=gin/partitioning/"
+                       "fsdp.gin)")
+    activations = (f"set models.T5Config.remat_policy (now "
+                   f"{settings['model_config'].remat_policy!r}) or raise "
+                   f"t5x_lite.train.run.num_microbatches (now {settings['num_microbatches']})")
+    changes.insert(0 if temporaries_dominate else len(changes), activations)
+    return ", or ".join([*changes, "use a topology with more chips"])
 
 
 def format_table(result: dict) -> str:
@@ -225,7 +232,16 @@ def precompile(topology_name: str) -> dict:
     if state_bytes > topology.chip.memory_bytes:
         raise launch.UsageError(state_does_not_fit(topology, trainer, state_bytes))
     batch = abstract_batch(data.batch_size, data.task_feature_lengths, trainer.mesh)
-    result = report(topology, trainer, compiled_steps(trainer, batch), data)
+    try:
+        steps = compiled_steps(trainer, batch)
+    except jax.errors.JaxRuntimeError as error:
+        # The TPU compiler refuses a step whose temporaries exceed the chip's memory.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise launch.UsageError(
+            f"does not fit on {topology.name}: {launch.first_line(error).rstrip('.')}: "
+            + advice(dict(trainer.mesh.shape), settings, True)) from error
+    result = report(topology, trainer, steps, data)
     result["advice"] = "" if result["fits"] else what_would_fit(result, settings)
     return result
 

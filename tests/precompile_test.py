@@ -96,6 +96,19 @@ def test_xxl_without_fsdp_does_not_fit_and_says_what_would():
     assert "gin/partitioning/fsdp.gin" in line and "more than" in line
 
 
+def test_a_step_the_tpu_compiler_refuses_is_one_line_naming_remat_first():
+    """4,096 rows of 512/114 tokens: the step's temporaries exceed a v5e chip's memory, and
+    libtpu refuses to compile it."""
+    result = precompile("--gin_file=gin/models/t5_1_1_tiny.gin",
+                        "--gin_file=gin/runs/pretrain.gin", "--gin.BATCH_SIZE=4096",
+                        "--topology=v5e:2x2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: does not fit on v5e:2x2: "
+                                                   "RESOURCE_EXHAUSTED"), lines
+    assert lines[0].index("remat_policy") < lines[0].index("fsdp.gin")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--topology=h800:8"], "unknown topology 'h800:8': known chips are v4:2x2"),
     (["--topology=v5e"], "has no grid"),
