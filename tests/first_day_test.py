@@ -16,6 +16,7 @@ import pytest
 
 from t5x_lite import launch
 from t5x_lite import models
+from tests.bad_input_test import snapshot
 
 QUICK = ["--gin_file=gin/quickstart.gin", "--gin.TRAIN_STEPS=2", "--gin.EVAL_STEPS=1",
          "--gin.NUM_INFILLINGS=1"]
@@ -26,14 +27,6 @@ def command(entry: str, *args: str, cwd, preexec_fn=None) -> subprocess.Complete
                           capture_output=True, text=True, preexec_fn=preexec_fn)
 
 
-def snapshot(directory) -> dict[str, bytes]:
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, directory)] = f.read()
-    return files
 
 
 @pytest.fixture(scope="module")
