@@ -25,6 +25,10 @@ setuptools.setup(
     ],
     # The tests check parity with transformers' T5 on the CPU build of torch (constraints.txt
     # pins the CPU build that pip finds on this project's machines).
-    # `aot`: t5x_lite.precompile's compilers for accelerators this machine lacks (libtpu).
-    extras_require={"test": ["pytest", "torch", "transformers"], "aot": ["libtpu"]},
+    # `aot`: t5x_lite.precompile's compilers for accelerators this machine lacks: libtpu, and
+    # the CUDA plugin with cuDNN only (jax builds cuDNN attention only where it can read
+    # cuDNN's version; cuDNN brings cuBLAS). The plugin's `with-cuda` set is not needed to
+    # compile, only to run.
+    extras_require={"test": ["pytest", "torch", "transformers"],
+                    "aot": ["libtpu", "jax-cuda12-plugin", "nvidia-cudnn-cu12"]},
 )

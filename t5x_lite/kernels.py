@@ -113,7 +113,13 @@ def resolve(platform_name: str, attention_name: str, dtype, head_dim: int,
                           jnp.add, ops.softmax_cross_entropy_autodiff,
                           jax.lax.Precision.DEFAULT)
     if attention_name != AUTO:
-        return dataclasses.replace(kernels, attention=Attention(attention_name))
+        forced = Attention(attention_name)
+        reason = _unfit(forced, jnp.dtype(dtype), head_dim)
+        if reason:
+            raise ValueError(f"T5Config.attention={attention_name!r}: {attention_name} "
+                             f"attention {reason}; T5Config.attention='auto' falls back to "
+                             "XLA's attention")
+        return dataclasses.replace(kernels, attention=forced)
     reason = _unfit(kernels.attention, jnp.dtype(dtype), head_dim)
     if reason:
         kernels = dataclasses.replace(

@@ -259,6 +259,13 @@ def bad_input_exits(argv: list[str] | None = None) -> Iterator[list[str]]:
         sys.exit(2)
 
 
+def initialize_backends() -> None:
+    """Starts JAX's backends quietly: the CUDA plugin without a GPU logs a missing driver
+    (or a cuInit error) as it loads."""
+    with startup.stderr_shown_only_on_failure():
+        jax.devices()
+
+
 def main(run_name: str, description: str, argv: list[str] | None = None) -> None:
     """Parses flags and gin, then calls the function `run_name` ("module.function") with the
     arguments gin binds to it. Naming it by module path means the gin files' `import
@@ -273,8 +280,7 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
         import_modules(args.module_import)
         parse_gin(args.gin_file, args.gin_bindings)
         start_distributed(args.distributed)
-        with startup.stderr_shown_only_on_failure():
-            jax.devices()  # A CUDA plugin without a GPU logs a cuInit error here.
+        initialize_backends()
         module_name, function_name = run_name.rsplit(".", 1)
         run = getattr(importlib.import_module(module_name), function_name)
         gin.get_configurable(run)()

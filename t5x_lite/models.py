@@ -283,7 +283,8 @@ class EncoderDecoderModel:
 
     def _boxed_init(self, rng: jax.Array) -> Params:
         """Parameters wrapped in Flax's logical-axis boxes; shapes do not depend on lengths."""
-        tokens = jnp.ones((1, 1), jnp.int32)
+        # Two tokens: a length every attention kernel takes (cuDNN's backward needs even).
+        tokens = jnp.ones((1, 2), jnp.int32)
         batch = {"encoder_input_tokens": tokens, "encoder_segment_ids": tokens,
                  "decoder_input_tokens": tokens, "decoder_segment_ids": tokens}
         return self.module.init(rng, batch)["params"]

@@ -1,15 +1,29 @@
 """Compiles a run's train and eval steps for an accelerator topology on a machine without it,
 and says whether the run fits: per-device memory, the attention kernel, collectives, hazards
-left in the step (scatters, sorts), XLA's FLOPs and bytes and the roofline MFU.
+left in the step (scatters, sorts), and on TPUs XLA's FLOPs and bytes and the roofline MFU.
 
   python -m t5x_lite.precompile --gin_file=gin/models/t5_1_1_base.gin \\
       --gin_file=gin/runs/pretrain.gin --gin.BATCH_SIZE=128 --topology=v5e:2x4 [--json]
 
+Topologies: TPUs in libtpu's names (v5e:2x4, v4:2x2x2), GPUs as h100:8 or a100:8 (one host)
+and h100:4x8 (hosts x GPUs per host).
+
 The same gin files and bindings as t5x_lite.train; no data and no MODEL_DIR are read. TPU
-topologies need libtpu (pip install -e '.[aot]'). Exit 0 when the run fits, 2 (with one line
-naming what would) when it does not.
+and GPU topologies need the aot extra (pip install -e '.[aot]': libtpu, the CUDA plugin and
+cuDNN). Exit 0 when the run fits, 2 (with one line naming what would) when it does not.
 """
+import os
+
 from t5x_lite import startup
+
+# Compiling for a GPU that is not there: no autotuning (it runs kernels on the device), and
+# cuBLAS GEMMs instead of Triton's, whose choice needs autotuning. Set before XLA reads its
+# flags; they do not touch CPU or TPU programs.
+GPU_COMPILE_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_level=0")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *GPU_COMPILE_FLAGS]).strip()
+# Nothing runs on a device here. With the CPU as the only backend, the CUDA plugin skips its
+# check of the CUDA libraries (a GPU's driver) and registers its compiler.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 # Before anything imports TensorFlow or JAX: quiet start-up, and Ctrl-C ends the program
 # with one line at any moment (startup.py).
@@ -21,7 +35,6 @@ import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -43,6 +56,8 @@ UNUSED_RUN_MACROS = ["MODEL_DIR = '/precompile/reads/no/model_dir'", "TRAIN_STEP
 LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
                       # Compiling needs no chip: other processes may load libtpu too.
                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+# The CUDA plugin, and cuDNN, which jax asks for its version when it builds cuDNN attention.
+GPU_COMPILER_MODULES = ("jax_plugins.xla_cuda12", "nvidia.cudnn")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 HAZARDS = ("scatter", "sort")
 
@@ -51,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--topology", required=True,
-                        help="CHIP:GRID, e.g. v5e:2x4 (chips: "
+                        help="CHIP:GRID, e.g. v5e:2x4 or h100:8 (chips: "
                              f"{', '.join(accelerators.CHIPS)})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -59,16 +74,30 @@ def _parser() -> argparse.ArgumentParser:
 
 def topology_devices(topology: accelerators.Topology) -> list:
     """The devices of `topology`, described by its platform's compiler, not present."""
+    if topology.chip.platform == "gpu":
+        return _gpu_devices(topology)
     if importlib.util.find_spec("libtpu") is None:
         raise launch.UsageError("compiling for TPUs needs libtpu: pip install -e '.[aot]'")
     for name, value in LIBTPU_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     from jax.experimental import topologies
 
-    grid = "x".join(map(str, topology.shape))
+    with startup.stderr_shown_only_on_failure():
+        description = topologies.get_topology_desc(topology_name=topology.compiler_name,
+                                                   platform="tpu")
+    return list(description.devices)
+
+
+def _gpu_devices(topology: accelerators.Topology) -> list:
+    if not all(map(importlib.util.find_spec, GPU_COMPILER_MODULES)):
+        raise launch.UsageError("compiling for GPUs needs the CUDA plugin and cuDNN: "
+                                "pip install -e '.[aot]'")
+    from jax.experimental import topologies
+
     with startup.stderr_shown_only_on_failure():
         description = topologies.get_topology_desc(
-            topology_name=f"{topology.chip.name}:{grid}", platform=topology.chip.platform)
+            platform="cuda", topology=topology.compiler_name,
+            target_config=accelerators.gpu_target_config(topology.chip))
     return list(description.devices)
 
 
@@ -121,9 +150,43 @@ def hazards(hlo_text: str) -> list[dict]:
         match = pattern.match(line)
         if match:
             op_name = re.search(r'op_name="([^"]*)"', line)
-            found.append({"op": match.group(2), "type": match.group(1).split("{")[0],
+            # The first array type of the result (a variadic scatter's is a tuple).
+            array_type = re.search(r"\w+\[[\d,]*\]", match.group(1))
+            found.append({"op": match.group(2),
+                          "type": array_type.group(0) if array_type else match.group(1),
                           "op_name": op_name.group(1) if op_name else ""})
     return found
+
+
+def custom_call_counts(hlo_text: str) -> dict[str, int]:
+    """Library kernels the step calls (cuDNN attention, cuBLAS GEMMs, Mosaic kernels)."""
+    return dict(sorted(collections.Counter(
+        re.findall(r'custom_call_target="([^"]+)"', hlo_text)).items()))
+
+
+def roofline(compiled, hlo_text: str, chip: accelerators.Chip,
+             model_flops_per_device: float) -> dict:
+    """XLA's FLOPs and bytes per device and the step time and MFU they bound (the slower of
+    compute at the bf16 peak and traffic at the memory bandwidth), with `roofline_note` ""
+    when they hold. None where the compiler gives no cost analysis (XLA:GPU's programs) or
+    the step loops (scan_layers: XLA counts a loop's body once)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    note = ("" if cost else "XLA's GPU compiler gives no cost analysis")
+    if cost and instruction_counts(hlo_text, ("while",)):
+        note = "the step loops (scan_layers) and XLA counts a loop's body once"
+    if note:
+        return {**dict.fromkeys(("xla_flops", "xla_bytes_accessed", "roofline_step_seconds",
+                                 "roofline_bound", "roofline_mfu")), "roofline_note": note}
+    xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    compute_seconds = xla_flops / chip.peak_bf16_flops
+    traffic_seconds = xla_bytes / chip.memory_bandwidth
+    seconds = max(compute_seconds, traffic_seconds)
+    return {"xla_flops": xla_flops, "xla_bytes_accessed": xla_bytes,
+            "roofline_step_seconds": seconds,
+            "roofline_bound": "FLOPs" if compute_seconds >= traffic_seconds else "memory traffic",
+            "roofline_mfu": (model_flops_per_device / chip.peak_bf16_flops / seconds
+                             if seconds else 0.0), "roofline_note": ""}
 
 
 def memory_per_device(compiled, state) -> dict[str, int]:
@@ -138,32 +201,28 @@ def memory_per_device(compiled, state) -> dict[str, int]:
 def report(topology: accelerators.Topology, trainer: trainer_lib.Trainer, steps: dict,
            data: train.DataConfig) -> dict:
     chip, compiled = topology.chip, steps["train"]
+    usable = accelerators.usable_memory_bytes(chip, os.environ)
     state = trainer.sharded_abstract_state()
     hlo_text = compiled.as_text()
     per_device = memory_per_device(compiled, state)
     lengths = data.task_feature_lengths
     model_flops = flops.model_flops_per_step(trainer.model.config, data.batch_size,
                                              lengths["inputs"], lengths["targets"])
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    roofline_seconds = max(xla_flops / chip.peak_bf16_flops, xla_bytes / chip.memory_bandwidth)
     return {
         "topology": topology.name, "platform": chip.platform, "device_kind": chip.device_kind,
-        "devices": topology.devices, "mesh": dict(trainer.mesh.shape),
+        "devices": topology.devices,
+        "hosts": len({device.process_index for device in trainer.mesh.devices.flat}),
+        "mesh": dict(trainer.mesh.shape),
         "attention_kernel": trainer.model.config.kernels().attention.value,
         "per_device_bytes": per_device, "device_memory_bytes": chip.memory_bytes,
-        "fits": per_device["total"] <= chip.memory_bytes,
+        "usable_memory_bytes": usable,
+        "fits": per_device["total"] <= usable,
         "model_flops_per_step": model_flops,
         "collectives": instruction_counts(hlo_text, COLLECTIVES),
         "hazards": hazards(hlo_text),
         "eval_step_hazards": hazards(steps["eval"].as_text()),
-        "xla_flops": xla_flops, "xla_bytes_accessed": xla_bytes,
-        "roofline_step_seconds": roofline_seconds,
-        "roofline_bound": ("FLOPs" if xla_flops / chip.peak_bf16_flops
-                           >= xla_bytes / chip.memory_bandwidth else "memory traffic"),
-        "roofline_mfu": (model_flops / topology.devices / chip.peak_bf16_flops
-                         / roofline_seconds if roofline_seconds else 0.0),
+        "custom_calls": custom_call_counts(hlo_text),
+        **roofline(compiled, hlo_text, chip, model_flops / topology.devices),
         "compile_seconds": steps["train_compile_seconds"],
     }
 
@@ -173,7 +232,7 @@ def what_would_fit(result: dict, settings: dict) -> str:
     per_device, gib = result["per_device_bytes"], accelerators.GIB
     state_bytes = per_device["parameters"] + per_device["optimizer_state"]
     return (f"does not fit: {per_device['total'] / gib:.1f} GiB per device on "
-            f"{result['topology']} ({result['device_memory_bytes'] / gib:.0f} GiB each; "
+            f"{result['topology']} ({result['usable_memory_bytes'] / gib:.1f} GiB usable each; "
             f"parameters + optimizer state {state_bytes / gib:.1f} GiB, temporaries "
             f"{per_device['temporaries'] / gib:.1f} GiB): "
             + advice(result["mesh"], settings, per_device["temporaries"] > state_bytes))
@@ -196,20 +255,28 @@ def format_table(result: dict) -> str:
     mib = 2**20
     per_device = result["per_device_bytes"]
     rows = [("topology", f"{result['topology']} ({result['devices']} x {result['device_kind']}"
-                         f", mesh {result['mesh']})"),
+                         f" on {result['hosts']} host(s), mesh {result['mesh']})"),
             ("attention kernel", result["attention_kernel"]),
             ("per device", "  ".join(f"{name} {value / mib:,.0f} MiB"
                                      for name, value in per_device.items())),
-            ("fits", f"{result['fits']} (of {result['device_memory_bytes'] / mib:,.0f} MiB)"),
+            ("fits", f"{result['fits']} (usable {result['usable_memory_bytes'] / mib:,.0f} "
+                     f"MiB of {result['device_memory_bytes'] / mib:,.0f} MiB)"),
             ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),
-            ("XLA per device", f"{result['xla_flops']:.4g} FLOPs, "
-                               f"{result['xla_bytes_accessed']:.4g} bytes"),
-            ("roofline", f"{result['roofline_step_seconds'] * 1e3:.1f} ms a step, bound by "
-                         f"{result['roofline_bound']}, MFU {result['roofline_mfu']:.1%}"),
+            *_roofline_rows(result),
+            ("library kernels", json.dumps(result["custom_calls"])),
             ("collectives", json.dumps(result["collectives"])),
             ("hazards", json.dumps(result["hazards"]) if result["hazards"] else "none"),
             ("compile", f"{result['compile_seconds']:.1f} s")]
     return "\n".join(f"{name:<22}{value}" for name, value in rows)
+
+
+def _roofline_rows(result: dict) -> list[tuple[str, str]]:
+    if result["xla_flops"] is None:
+        return [("roofline", f"none: {result['roofline_note']}")]
+    return [("XLA per device", f"{result['xla_flops']:.4g} FLOPs, "
+                               f"{result['xla_bytes_accessed']:.4g} bytes"),
+            ("roofline", f"{result['roofline_step_seconds'] * 1e3:.1f} ms a step, bound by "
+                         f"{result['roofline_bound']}, MFU {result['roofline_mfu']:.1%}")]
 
 
 def precompile(topology_name: str) -> dict:
@@ -227,10 +294,12 @@ def precompile(topology_name: str) -> dict:
         settings["mesh_config"], seed=0, num_microbatches=settings["num_microbatches"],
         devices=devices)
     state = trainer.sharded_abstract_state()
-    state_bytes = (partitioning.per_device_bytes(state.params)
+    # A step holds the parameters, their gradients (same shapes and shardings) and the
+    # optimizer state at once, before any activation.
+    floor_bytes = (2 * partitioning.per_device_bytes(state.params)
                    + partitioning.per_device_bytes(state.opt_state))
-    if state_bytes > topology.chip.memory_bytes:
-        raise launch.UsageError(state_does_not_fit(topology, trainer, state_bytes))
+    if floor_bytes > accelerators.usable_memory_bytes(topology.chip, os.environ):
+        raise launch.UsageError(state_does_not_fit(topology, trainer, floor_bytes))
     batch = abstract_batch(data.batch_size, data.task_feature_lengths, trainer.mesh)
     try:
         steps = compiled_steps(trainer, batch)
@@ -247,18 +316,22 @@ def precompile(topology_name: str) -> dict:
 
 
 def state_does_not_fit(topology: accelerators.Topology, trainer: trainer_lib.Trainer,
-                       state_bytes: int) -> str:
-    """The line for parameters and optimizer state that alone exceed a device (nothing is
-    compiled then), naming the chip count at which fsdp would hold them."""
-    gib, memory = accelerators.GIB, topology.chip.memory_bytes
-    total = sum(leaf.size * leaf.dtype.itemsize
-                for leaf in jax.tree_util.tree_leaves(trainer.abstract_state))
-    chips = -(-total // memory)
+                       floor_bytes: int) -> str:
+    """The line for parameters, gradients and optimizer state that alone exceed a device
+    (nothing is compiled then), naming the chip count at which fsdp would hold them."""
+    gib = accelerators.GIB
+    usable = accelerators.usable_memory_bytes(topology.chip, os.environ)
+    parameter_bytes = sum(leaf.size * leaf.dtype.itemsize
+                          for leaf in jax.tree_util.tree_leaves(trainer.abstract_state.params))
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize
+                      for leaf in jax.tree_util.tree_leaves(trainer.abstract_state))
+    chips = -(-(parameter_bytes + state_bytes) // usable)
     fsdp = ("" if trainer.mesh.shape["fsdp"] > 1
             else "shard them with --gin_file=gin/partitioning/fsdp.gin and ")
-    return (f"does not fit: parameters + optimizer state alone take {state_bytes / gib:.1f} "
-            f"GiB per device on {topology.name} ({memory / gib:.0f} GiB each): {fsdp}use "
-            f"a topology of more than {chips} chips (activations need room too)")
+    return (f"does not fit: parameters, gradients and optimizer state alone take "
+            f"{floor_bytes / gib:.1f} GiB per device on {topology.name} ({usable / gib:.1f} "
+            f"GiB usable each): {fsdp}use a topology of more than {chips} chips (activations "
+            "need room too)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         args = launch.parse_flags(argv, __doc__, _parser())
         launch.import_modules(args.module_import)
         launch.parse_gin(args.gin_file, UNUSED_RUN_MACROS + args.gin_bindings)
+        launch.initialize_backends()
         result = precompile(args.topology)
         print(json.dumps(result) if args.json else format_table(result), flush=True)
         if not result["fits"]:

@@ -10,8 +10,9 @@ running no clean-up that could trip on half-built state. Training hands signals 
 own handler (faults.StopRequest) once the first step may be saved, see `hand_over`.
 
 TensorFlow 2.21 logs its start-up lines (oneDNN, the CUDA stub) through absl before any log
-level applies, whatever TF_CPP_MIN_LOG_LEVEL says, so TensorFlow is imported here with the
-C++ side of stderr captured; the capture is shown only if the import fails.
+level applies, whatever TF_CPP_MIN_LOG_LEVEL says, and so do jaxlib's CUDA extensions when the
+CUDA plugin is installed without a GPU; so TensorFlow and JAX are imported here with the C++
+side of stderr captured; the capture is shown only if the import fails.
 """
 import contextlib
 import os
@@ -53,6 +54,8 @@ def begin(module_name: str, stop_line: str) -> None:
                      name="t5x_lite-stop-watcher").start()
     with stderr_shown_only_on_failure():
         import tensorflow  # noqa: F401
+        # jaxlib's CUDA extensions (the aot extra) log a missing driver as they load.
+        import jax  # noqa: F401
 
 
 @contextlib.contextmanager

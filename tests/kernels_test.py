@@ -52,6 +52,10 @@ def test_a_model_the_kernel_cannot_take_falls_back_to_xla_and_says_why(platform,
     # Named explicitly, the attention is what the configuration asks for.
     assert kernels.resolve(platform, "einsum", dtype, head_dim, 0.0).attention is (
         kernels.Attention.EINSUM)
+    # Named explicitly but unable to take the model: bad input naming the fallback.
+    first_choice = "cudnn" if platform == "gpu" else "pallas_tpu"
+    with pytest.raises(ValueError, match=f"{reason}.*attention='auto' falls back to XLA's"):
+        kernels.resolve(platform, first_choice, dtype, head_dim, 0.0)
 
 
 def test_dropout_on_an_accelerator_keeps_the_kernel_for_evaluation():
