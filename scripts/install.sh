@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $($PYTHON --version)..." >&2
   "$PYTHON" -m venv .venv
 fi
-echo "Installing t5x_lite and its pinned dependencies into .venv (about 1 minute)..." >&2
+echo "Installing t5x_lite and its pinned dependencies into .venv (1 to 3 minutes)..." >&2
 log=.venv/install.log
 if ! { .venv/bin/python -m pip install --upgrade pip &&
        .venv/bin/python -m pip install -c constraints.txt -e ".[$extras]"; } > "$log" 2>&1; then
