@@ -130,8 +130,8 @@ def compiled_steps(trainer: trainer_lib.Trainer, batch: dict) -> dict:
 
 def _opcode_pattern(opcodes) -> re.Pattern:
     """An HLO instruction `%name = TYPE OPCODE(` (an async op counted at its start); TYPE
-    may be a tuple with spaces."""
-    return re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?)[ ]?\b(" + "|".join(opcodes)
+    may be a tuple with spaces. OPCODE is whole: "scatter" does not match reduce-scatter."""
+    return re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?)[ ]?(?<![\w-])(" + "|".join(opcodes)
                       + r")(?:-start)?\(")
 
 
