@@ -75,29 +75,20 @@ def _parser() -> argparse.ArgumentParser:
 def topology_devices(topology: accelerators.Topology) -> list:
     """The devices of `topology`, described by its platform's compiler, not present."""
     if topology.chip.platform == "gpu":
-        return _gpu_devices(topology)
-    if importlib.util.find_spec("libtpu") is None:
-        raise launch.UsageError("compiling for TPUs needs libtpu: pip install -e '.[aot]'")
-    for name, value in LIBTPU_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
+        modules, compiler = GPU_COMPILER_MODULES, "GPUs needs the CUDA plugin and cuDNN"
+        options = {"platform": "cuda", "topology": topology.compiler_name,
+                   "target_config": accelerators.gpu_target_config(topology.chip)}
+    else:
+        modules, compiler = ("libtpu",), "TPUs needs libtpu"
+        options = {"platform": "tpu", "topology_name": topology.compiler_name}
+        for name, value in LIBTPU_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+    if not all(map(importlib.util.find_spec, modules)):
+        raise launch.UsageError(f"compiling for {compiler}: pip install -e '.[aot]'")
     from jax.experimental import topologies
 
     with startup.stderr_shown_only_on_failure():
-        description = topologies.get_topology_desc(topology_name=topology.compiler_name,
-                                                   platform="tpu")
-    return list(description.devices)
-
-
-def _gpu_devices(topology: accelerators.Topology) -> list:
-    if not all(map(importlib.util.find_spec, GPU_COMPILER_MODULES)):
-        raise launch.UsageError("compiling for GPUs needs the CUDA plugin and cuDNN: "
-                                "pip install -e '.[aot]'")
-    from jax.experimental import topologies
-
-    with startup.stderr_shown_only_on_failure():
-        description = topologies.get_topology_desc(
-            platform="cuda", topology=topology.compiler_name,
-            target_config=accelerators.gpu_target_config(topology.chip))
+        description = topologies.get_topology_desc(**options)
     return list(description.devices)
 
 
