@@ -33,11 +33,6 @@ from t5x_lite.data import vocab  # noqa: E402
 MODEL_GIN = "model.gin"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise launch.UsageError(f"{message} (see: python {self.prog} --help)")
-
-
 def model_config_from_gin(gin_files: list[str]) -> models.T5Config:
     launch.parse_gin(gin_files, [])
     try:
@@ -53,7 +48,7 @@ def run_vocabulary(gin_files: list[str]) -> seqio.Vocabulary | None:
     try:
         name = launch.macro_value("MIXTURE_OR_TASK_NAME")
         if name is not None:
-            return tasks.get_task_or_mixture(name).output_features["targets"].vocabulary
+            return tasks.targets_vocabulary(name)
         try:
             reference = gin.query_parameter("tasks.register_task.vocabulary")
         except ValueError:
@@ -165,8 +160,8 @@ def from_hf(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = launch.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("to-hf", help="MODEL_DIR checkpoint -> Hugging Face directory")
     export.add_argument("--model_dir", required=True)

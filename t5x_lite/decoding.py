@@ -4,12 +4,22 @@ sampling, and beam search with T5X's length penalty. Written against a `step_fn`
 Flax modules or params. Decoded tokens carry no start token; positions after EOS hold 0.
 """
 import dataclasses
+import enum
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-METHODS = ("greedy", "beam", "sample")
+from t5x_lite import choices
+
+
+class Method(enum.Enum):
+    GREEDY = "greedy"  # the most likely token at each position
+    BEAM = "beam"  # beam search with a length penalty
+    SAMPLE = "sample"  # a draw from the tempered, top-k / top-p filtered distribution
+
+
 StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 # Log-probability given to hypotheses that must never win (finished or padding beams).
 NEVER = -1e9
@@ -41,10 +51,9 @@ class DecodeOptions:
             raise ValueError(f"alpha (length penalty) must be >= 0, got {self.alpha}")
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown decoding method {method!r}: choose one of "
-                         f"{', '.join(METHODS)}")
+def parse_method(method: "Method | str") -> Method:
+    """The Method for a member or its name ('beam'); ValueError listing them otherwise."""
+    return choices.parse(Method, method, "the decoding method (DECODE_METHOD)")
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -63,10 +72,10 @@ def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BV
 
 
-def _token_chooser(method: str, options: DecodeOptions) -> Callable:
+def _token_chooser(method: Method, options: DecodeOptions) -> Callable:
     """fn(logits [B, V], rng) -> tokens [B]: argmax, or a draw from the filtered, tempered
     distribution."""
-    if method == "greedy" or options.temperature == 0:
+    if method is Method.GREEDY or options.temperature == 0:
         return lambda logits_BV, rng: jnp.argmax(logits_BV, axis=-1)
 
     def sample(logits_BV, rng):
@@ -78,7 +87,7 @@ def _token_chooser(method: str, options: DecodeOptions) -> Callable:
 
 
 def token_by_token(step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
-                   eos_id: int, method: str, options: DecodeOptions
+                   eos_id: int, method: Method, options: DecodeOptions
                    ) -> tuple[jax.Array, jax.Array]:
     """Greedy decoding or sampling: one token per step per row until every row has emitted
     EOS or max_decode_length tokens. Returns tokens int32 [B, N] and scores float32 [B], the
@@ -167,59 +176,69 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
         worst_finished_B = jnp.min(state["finished_scores"], axis=1)
         return (state["position"] < length) & ~jnp.all(worst_finished_B > best_possible_B)
 
-    def step(state):
-        position = state["position"]
-        previous_BW = jnp.where(position == 0, 0, jax.lax.dynamic_index_in_dim(
-            state["alive_tokens"], jnp.maximum(position - 1, 0), axis=2, keepdims=False))
-        logits, cache = step_fn(previous_BW.reshape(-1, 1), position, state["cache"])
-        log_probs_BWV = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(
-            batch_size, beams, -1)
-        vocab_size = log_probs_BWV.shape[-1]
-        candidates_BX = (state["alive_scores"][:, :, None] + log_probs_BWV).reshape(
-            batch_size, -1)
-        # 2W candidates always hold W that do not end in EOS.
-        scores_BC, flat_BC = jax.lax.top_k(candidates_BX, 2 * beams)
-        beam_BC, token_BC = flat_BC // vocab_size, (flat_BC % vocab_size).astype(jnp.int32)
-        tokens_BCN = jax.lax.dynamic_update_index_in_dim(
-            gather_beams(state["alive_tokens"], beam_BC), token_BC, position, axis=2)
-        ends_BC = token_BC == eos_id
-        # Alive: the best W candidates that do not end here.
-        alive_BW = jax.lax.top_k(jnp.where(ends_BC, NEVER, scores_BC), beams)[1]
-        alive_scores_BW = jnp.take_along_axis(jnp.where(ends_BC, NEVER, scores_BC), alive_BW,
-                                              axis=1)
-        source_BW = jnp.take_along_axis(beam_BC, alive_BW, axis=1)
-        # Finished: the best W of the old finished and the candidates ending here.
-        penalised_BC = jnp.where(ends_BC, scores_BC, NEVER) / length_penalty(position + 1,
-                                                                              options.alpha)
-        pool_scores = jnp.concatenate([state["finished_scores"], penalised_BC], axis=1)
-        pool_tokens = jnp.concatenate([state["finished_tokens"], tokens_BCN], axis=1)
-        finished_scores_BW, best_BW = jax.lax.top_k(pool_scores, beams)
-        return {
-            "position": position + 1,
-            "alive_tokens": gather_beams(tokens_BCN, alive_BW),
-            "alive_scores": alive_scores_BW,
-            "finished_tokens": gather_beams(pool_tokens, best_BW),
-            "finished_scores": finished_scores_BW,
-            "cache": gather_cache(cache, source_BW, cache_batch_axis),
-        }
+    step = functools.partial(_beam_step, step_fn=step_fn, eos_id=eos_id, alpha=options.alpha,
+                             cache_batch_axis=cache_batch_axis)
+    return _best_hypotheses(jax.lax.while_loop(not_done, step, initial), options.alpha)
 
-    state = jax.lax.while_loop(not_done, step, initial)
+
+def _beam_step(state: dict, step_fn: StepFn, eos_id: int, alpha: float, cache_batch_axis: int
+               ) -> dict:
+    """One position of beam search (beam_search's loop body): every alive hypothesis [B, W]
+    extended by every token, the best W that go on kept alive and the best W ending in EOS
+    merged into the finished ones."""
+    batch_size, beams = state["alive_scores"].shape
+    position = state["position"]
+    previous_BW = jnp.where(position == 0, 0, jax.lax.dynamic_index_in_dim(
+        state["alive_tokens"], jnp.maximum(position - 1, 0), axis=2, keepdims=False))
+    logits, cache = step_fn(previous_BW.reshape(-1, 1), position, state["cache"])
+    log_probs_BWV = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(
+        batch_size, beams, -1)
+    vocab_size = log_probs_BWV.shape[-1]
+    candidates_BX = (state["alive_scores"][:, :, None] + log_probs_BWV).reshape(
+        batch_size, -1)
+    # 2W candidates always hold W that do not end in EOS.
+    scores_BC, flat_BC = jax.lax.top_k(candidates_BX, 2 * beams)
+    beam_BC, token_BC = flat_BC // vocab_size, (flat_BC % vocab_size).astype(jnp.int32)
+    tokens_BCN = jax.lax.dynamic_update_index_in_dim(
+        gather_beams(state["alive_tokens"], beam_BC), token_BC, position, axis=2)
+    ends_BC = token_BC == eos_id
+    # Alive: the best W candidates that do not end here.
+    alive_BW = jax.lax.top_k(jnp.where(ends_BC, NEVER, scores_BC), beams)[1]
+    alive_scores_BW = jnp.take_along_axis(jnp.where(ends_BC, NEVER, scores_BC), alive_BW,
+                                          axis=1)
+    source_BW = jnp.take_along_axis(beam_BC, alive_BW, axis=1)
+    # Finished: the best W of the old finished and the candidates ending here.
+    penalised_BC = jnp.where(ends_BC, scores_BC, NEVER) / length_penalty(position + 1, alpha)
+    pool_scores = jnp.concatenate([state["finished_scores"], penalised_BC], axis=1)
+    pool_tokens = jnp.concatenate([state["finished_tokens"], tokens_BCN], axis=1)
+    finished_scores_BW, best_BW = jax.lax.top_k(pool_scores, beams)
+    return {
+        "position": position + 1,
+        "alive_tokens": gather_beams(tokens_BCN, alive_BW),
+        "alive_scores": alive_scores_BW,
+        "finished_tokens": gather_beams(pool_tokens, best_BW),
+        "finished_scores": finished_scores_BW,
+        "cache": gather_cache(cache, source_BW, cache_batch_axis),
+    }
+
+
+def _best_hypotheses(state: dict, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """The best finished hypothesis per row, or the best alive one where none finished:
+    tokens [B, N] and length-penalised scores [B]."""
     any_finished_B = state["finished_scores"][:, 0] > NEVER / 2
-    alive_penalised_B = state["alive_scores"][:, 0] / length_penalty(state["position"],
-                                                                      options.alpha)
+    alive_penalised_B = state["alive_scores"][:, 0] / length_penalty(state["position"], alpha)
     tokens_BN = jnp.where(any_finished_B[:, None], state["finished_tokens"][:, 0],
                           state["alive_tokens"][:, 0])
     scores_B = jnp.where(any_finished_B, state["finished_scores"][:, 0], alive_penalised_B)
     return tokens_BN, scores_B
 
 
-def decode(method: str, step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
+def decode(method: Method, step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
            eos_id: int, options: DecodeOptions, cache_batch_axis: int = 0
            ) -> tuple[jax.Array, jax.Array]:
     """Dispatches to the method; for "beam", `cache` and step_fn work on B * beam_size rows
     (on axis `cache_batch_axis` of the cache's arrays)."""
-    check_method(method)
-    if method == "beam":
+    if method is Method.BEAM:
         return beam_search(step_fn, cache, batch_size, max_decode_length, eos_id, options,
                            cache_batch_axis)
     return token_by_token(step_fn, cache, batch_size, max_decode_length, eos_id, method,

@@ -15,18 +15,15 @@ import os  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
-from t5x_lite import checkpoints  # noqa: E402
 from t5x_lite import evaluation  # noqa: E402
 from t5x_lite import launch  # noqa: E402
 from t5x_lite import metrics_io  # noqa: E402
 from t5x_lite import models  # noqa: E402
-from t5x_lite import moe  # noqa: E402
 from t5x_lite import partitioning  # noqa: E402
-from t5x_lite import train  # noqa: E402
+from t5x_lite import run_config  # noqa: E402
 from t5x_lite import trainer as trainer_lib  # noqa: E402
+from t5x_lite import warm_start  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
 
@@ -35,27 +32,10 @@ from t5x_lite.data import vocab  # noqa: E402
 EVAL_DIR = "eval"
 
 
-def restore_model(model_config: models.T5Config, model_dir: str, mesh,
-                  rules=partitioning.LOGICAL_AXIS_RULES
-                  ) -> tuple[models.EncoderDecoderModel, int, object]:
-    """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
-    model = models.EncoderDecoderModel(model_config)
-    shardings = trainer_lib.param_shardings(model, mesh, rules)
-    abstract = partitioning.with_shardings(jax.eval_shape(model.init, jax.random.key(0)),
-                                           shardings)
-    if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
-        raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: train first "
-                                "(python -m t5x_lite.train with the same gin files)")
-    manager = checkpoints.create_manager(model_dir, read_only=True)
-    step, params = checkpoints.restore_params(manager, abstract)
-    return model, step, params
-
-
-def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh, rules,
-               count: int) -> list[tuple[str, str, str]]:
+def infillings(model: models.EncoderDecoderModel, params, data: run_config.DataConfig, mesh,
+               rules, count: int) -> list[tuple[str, str, str]]:
     """(masked input, model fill, true fill) for the first `count` validation examples."""
-    vocabulary = tasks.get_task_or_mixture(
-        data.mixture_or_task_name).output_features["targets"].vocabulary
+    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
     # Shuffled with a fixed seed: the first examples in file order all come from one file.
     local = next(data.batches("validation", mesh, shuffle=True, seed=0, repeat=False,
                               pack=False))
@@ -66,54 +46,51 @@ def infillings(model: models.EncoderDecoderModel, params, data: train.DataConfig
     tokens, _ = trainer_lib.in_mesh(predict, mesh, rules)(params, {
         "encoder_input_tokens": batch["encoder_input_tokens"]})
     # Every host holds some rows; process 0 (which prints) holds the first ones.
-    tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True)
-                        if jax.process_count() > 1 else jax.device_get(tokens))
+    tokens = evaluation.gathered(tokens)
     rows = range(min(count, len(local["encoder_input_tokens"])))
     return [(vocab.show_ids(vocabulary, local["encoder_input_tokens"][i]),
              vocab.show_ids(vocabulary, tokens[i]),
              vocab.show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
 
 
-def task_metrics(model: models.EncoderDecoderModel, params, data: train.DataConfig, mesh,
-                 rules, step: int, max_examples: int | None,
+def task_metrics(model: models.EncoderDecoderModel, params, data: run_config.DataConfig,
+                 mesh, rules, step: int, max_examples: int | None,
                  decode: evaluation.DecodeSettings) -> dict[str, float]:
     """The task's metrics (BLEU, ROUGE, ...) on predictions for its validation split."""
     metrics = evaluation.TaskMetrics(data.mixture_or_task_name, "validation",
                                      dict(data.task_feature_lengths), data.batch_size,
                                      max_examples)
-    vocabulary = tasks.get_task_or_mixture(
-        data.mixture_or_task_name).output_features["targets"].vocabulary
+    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
     predict = evaluation.predictor(model, mesh, rules, metrics.decode_length,
                                    vocabulary.eos_id, decode)
     return metrics(predict, params, step)
 
 
-def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
-        model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
+def run(model_config: models.T5Config = gin.REQUIRED,
+        data: run_config.DataConfig = gin.REQUIRED, model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
         metrics_examples: int | None = None,
         decode: evaluation.DecodeSettings = evaluation.DecodeSettings()) -> dict[str, float]:
     """Validation loss and token accuracy; for a task with metric functions also its metrics
     on `metrics_examples` decoded validation examples (None: all of them)."""
-    mesh = partitioning.create_mesh(mesh_config)
-    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
+    mesh = trainer_lib.model_mesh(model_config, mesh_config)
     rules = mesh_config.rules
-    model, step, params = restore_model(model_config, model_dir, mesh, rules)
+    model, step, params = warm_start.restore_model(model_config, model_dir, mesh, rules)
     data = data.as_trained(model_dir)
     # After the restore, so a missing checkpoint is reported before any vocabulary training.
-    train.check_vocabulary(model_config, data)
+    run_config.check_vocabulary(model_config, data)
     eval_step = trainer_lib.compile_eval_step(
         model, mesh, trainer_lib.param_shardings(model, mesh, rules), rules)
-    scores = train.evaluate(eval_step, params, data, mesh, eval_steps)
-    train.say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
+    scores = run_config.validation_scores(eval_step, params, data, mesh, eval_steps)
+    run_config.say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
               f"token accuracy {scores['accuracy']:.4f}  "
               f"({scores['target_tokens']:,.0f} target tokens)")
     for line in metrics_io.format_moe_lines(scores):
-        train.say(line)
+        run_config.say(line)
     supervised = evaluation.has_metrics(data.mixture_or_task_name)
     if supervised:
         values = task_metrics(model, params, data, mesh, rules, step, metrics_examples, decode)
-        train.say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
+        run_config.say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
         scores.update(values)
     # Apart from the training run's rows, which already hold its own evaluations.
     metrics_io.MetricsWriter(os.path.join(model_dir, EVAL_DIR)).write(step, scores,
@@ -123,7 +100,7 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
     for index, (masked, predicted, truth) in enumerate(
             infillings(model, params, data, mesh, rules, num_infillings)):
         # Outputs are short: one line each, newlines escaped, to compare by eye.
-        train.say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
+        run_config.say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
                   f"{headings[2]}: {predicted!r}\n{headings[3]}: {truth!r}")
     return scores
 

@@ -7,7 +7,8 @@ Every host reads every example and passes its own rows of each batch to the glob
 predictions are gathered back, so all hosts compute the same metrics.
 """
 import dataclasses
-from typing import Callable, Iterator
+import itertools
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
 from t5x_lite.data import tasks
 
+Item = TypeVar("Item")
 
 def host_share(tokens: np.ndarray, mesh) -> jax.Array:
     """The global [B, L] array of a batch every host holds whole: each passes its own rows."""
@@ -41,11 +43,11 @@ def gathered(array: jax.Array) -> np.ndarray:
 class DecodeSettings:
     """How evaluation decodes: `method` and decoding.DecodeOptions fields."""
 
-    method: str = "greedy"
+    method: decoding.Method = decoding.Method.GREEDY
     options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        decoding.check_method(self.method)
+        object.__setattr__(self, "method", decoding.parse_method(self.method))
         decoding.DecodeOptions(**self.options)
 
 
@@ -64,19 +66,18 @@ def predictor(model: models.EncoderDecoderModel, mesh, rules, decode_length: int
     return predict
 
 
-def padded_batches(rows: Iterator[np.ndarray], batch_size: int, length: int
-                   ) -> Iterator[tuple[int, np.ndarray]]:
-    """(number of real rows, tokens [batch_size, length]) groups; the last is zero-padded."""
-    group = []
-    for row in rows:
-        group.append(row)
-        if len(group) == batch_size:
-            yield len(group), np.stack(group)
-            group = []
-    if group:
+def padded_batches(items: Iterator[Item], batch_size: int, length: int,
+                   token_ids: Callable[[Item], Sequence[int]] = lambda ids: ids
+                   ) -> Iterator[tuple[list[Item], np.ndarray]]:
+    """(items, their token_ids zero-padded to tokens [batch_size, length]) in groups of
+    `batch_size` items; the last group may be smaller, its missing rows all zero."""
+    items = iter(items)
+    while group := list(itertools.islice(items, batch_size)):
         tokens = np.zeros((batch_size, length), np.int32)
-        tokens[:len(group)] = np.stack(group)
-        yield len(group), tokens
+        for row, item in enumerate(group):
+            ids = token_ids(item)
+            tokens[row, :len(ids)] = ids
+        yield group, tokens
 
 
 def has_metrics(task_name: str) -> bool:
@@ -109,9 +110,9 @@ class TaskMetrics:
             rows = (np.asarray(features["encoder_input_tokens"], np.int32)
                     for _, features in examples)
             outputs = []
-            for count, tokens in padded_batches(rows, self.batch_size, self.input_length):
+            for group, tokens in padded_batches(rows, self.batch_size, self.input_length):
                 predicted, _ = predict(params, tokens)
-                outputs.extend(predicted[:count].tolist())
+                outputs.extend(predicted[:len(group)].tolist())
             return [(int(index), tokens) for (index, _), tokens in zip(examples, outputs)]
 
         return predict_fn

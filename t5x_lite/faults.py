@@ -1,6 +1,7 @@
 """Stopping and recovering a training run: SIGTERM / SIGINT requests (preemption, Ctrl-C),
 steps whose loss or gradient norm is not finite (NaN policies), and a full disk."""
 import contextlib
+import enum
 import errno
 import os
 import signal
@@ -12,8 +13,16 @@ import numpy as np
 from t5x_lite import partitioning
 from t5x_lite import startup
 
-# What training does after a non-finite step (t5x_lite.train.LoopConfig.nan_policy).
-NAN_POLICIES = ("stop", "skip", "rollback")
+class NanPolicy(enum.Enum):
+    """What training does after a step whose loss or gradient norm is not finite
+    (run_config.LoopConfig.nan_policy)."""
+
+    # Stop before any checkpoint holds the step's result.
+    STOP = "stop"
+    # No update (counted as skipped_steps); more than max_consecutive_skips in a row stop.
+    SKIP = "skip"
+    # Back to the newest checkpoint, then on with the next batches (max_rollbacks in a row).
+    ROLLBACK = "rollback"
 
 
 class StopRequest:
@@ -57,25 +66,25 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-def check_finite(rows: list[dict], last_step: int, nan_policy: str,
+def check_finite(rows: list[dict], last_step: int, nan_policy: NanPolicy,
                  max_consecutive_skips: int, newest_checkpoint: Callable[[], int | None]
                  ) -> None:
     """Raises NonFiniteLoss for the first of `rows` (per-step metrics of the steps up to
-    `last_step`) whose loss or gradient norm is not finite; under nan_policy "skip" only
+    `last_step`) whose loss or gradient norm is not finite; under NanPolicy.SKIP only
     once the optimizer has skipped more than max_consecutive_skips steps in a row (then the
     parameters are already corrupt). Call it before any checkpoint of those steps is
     saved."""
     for index, row in enumerate(rows):
         step = last_step - len(rows) + 1 + index
         finite = np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])
-        if finite or (nan_policy == "skip"
+        if finite or (nan_policy is NanPolicy.SKIP
                       and row["consecutive_skips"] <= max_consecutive_skips):
             continue
         kept = newest_checkpoint()
         raise NonFiniteLoss(
             f"loss {row['loss']} and gradient norm {row['grad_norm']} at step {step}: "
             f"stopped before saving it (the newest checkpoint, step {kept}, is intact); "
-            "lower the learning rate, or set t5x_lite.train.LoopConfig.nan_policy to 'skip' "
+            "lower the learning rate, or set t5x_lite.run_config.LoopConfig.nan_policy to 'skip' "
             "or 'rollback'", step)
 
 

@@ -72,8 +72,10 @@ def explain(error: Exception) -> str:
     """One line for an error gin raised while parsing, with the fix where one is known."""
     if isinstance(error, GinSlip):
         return str(error)
-    if isinstance(error, SyntaxError) and len(error.args) > 1:
+    if isinstance(error, SyntaxError) and hasattr(error.args[-1], "line_content"):  # gin's
         return _syntax_error_line(error)
+    if isinstance(error, SyntaxError):  # in a Python module a gin file imports
+        return f"{error.filename}:{error.lineno}: Python syntax error: {error.msg}"
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     where = _location(text)

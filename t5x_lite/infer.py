@@ -14,22 +14,22 @@ from t5x_lite import startup
 # with one line at any moment (startup.py).
 startup.begin(__name__, "no predictions were written; rerun the same command to decode")
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from typing import Iterator  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from t5x_lite import decoding  # noqa: E402
-from t5x_lite import eval as eval_lib  # noqa: E402
 from t5x_lite import evaluation  # noqa: E402
 from t5x_lite import launch  # noqa: E402
 from t5x_lite import models  # noqa: E402
-from t5x_lite import moe  # noqa: E402
 from t5x_lite import partitioning  # noqa: E402
-from t5x_lite import train  # noqa: E402
+from t5x_lite import run_config  # noqa: E402
+from t5x_lite import trainer as trainer_lib  # noqa: E402
+from t5x_lite import warm_start  # noqa: E402
 from t5x_lite.data import pipeline  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
@@ -62,7 +62,7 @@ def file_examples(texts: list[str], vocabulary, input_length: int) -> Iterator[d
         yield {"input": text, "ids": ids}
 
 
-def split_examples(data: train.DataConfig, split: str, vocabulary) -> Iterator[dict]:
+def split_examples(data: run_config.DataConfig, split: str, vocabulary) -> Iterator[dict]:
     """The task split's examples, in order (every host reads all of them)."""
     lengths = data.task_feature_lengths
     for batch in pipeline.get_batches(
@@ -73,48 +73,26 @@ def split_examples(data: train.DataConfig, split: str, vocabulary) -> Iterator[d
                "target": vocab.show_ids(vocabulary, batch["decoder_target_tokens"][0])}
 
 
-def batches_of(examples: Iterator[dict], batch_size: int, input_length: int,
-               limit: int | None) -> Iterator[tuple[list[dict], np.ndarray]]:
-    """(examples, encoder_input_tokens [batch_size, L]) groups; the last is zero-padded."""
-    group = []
-    for index, example in enumerate(examples):
-        if limit is not None and index >= limit:
-            break
-        group.append(example)
-        if len(group) == batch_size:
-            yield group, _tokens(group, batch_size, input_length)
-            group = []
-    if group:
-        yield group, _tokens(group, batch_size, input_length)
-
-
-def _tokens(group: list[dict], batch_size: int, input_length: int) -> np.ndarray:
-    tokens = np.zeros((batch_size, input_length), np.int32)
-    for row, example in enumerate(group):
-        tokens[row, :len(example["ids"])] = example["ids"]
-    return tokens
-
-
-def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = gin.REQUIRED,
-        model_dir: str = gin.REQUIRED, output_file: str = gin.REQUIRED,
+def run(model_config: models.T5Config = gin.REQUIRED,
+        data: run_config.DataConfig = gin.REQUIRED, model_dir: str = gin.REQUIRED,
+        output_file: str = gin.REQUIRED,
         input_file: str | None = None, input_field: str = "inputs", split: str = "validation",
-        max_examples: int | None = None, method: str = "greedy",
+        max_examples: int | None = None,
+        method: decoding.Method | str = decoding.Method.GREEDY,
         decode_options: dict | None = None, max_decode_length: int | None = None,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> int:
     """Writes predictions to `output_file` and returns how many. `max_decode_length`
     defaults to the targets length of TASK_FEATURE_LENGTHS (the training run's, unless
     bound)."""
-    decoding.check_method(method)
+    method = decoding.parse_method(method)
     options = decoding.DecodeOptions(**(decode_options or {}))
     texts = read_inputs(input_file, input_field) if input_file else None
-    mesh = partitioning.create_mesh(mesh_config)
-    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
-    model, step, params = eval_lib.restore_model(model_config, model_dir, mesh,
-                                                 mesh_config.rules)
+    mesh = trainer_lib.model_mesh(model_config, mesh_config)
+    model, step, params = warm_start.restore_model(model_config, model_dir, mesh,
+                                                   mesh_config.rules)
     data = data.as_trained(model_dir)
-    train.check_vocabulary(model_config, data)
-    vocabulary = tasks.get_task_or_mixture(
-        data.mixture_or_task_name).output_features["targets"].vocabulary
+    run_config.check_vocabulary(model_config, data)
+    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
     input_length = data.task_feature_lengths["inputs"]
     decode_length = max_decode_length or data.task_feature_lengths["targets"]
     examples = (file_examples(texts, vocabulary, input_length) if texts is not None
@@ -123,7 +101,9 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
                                    vocabulary.eos_id,
                                    evaluation.DecodeSettings(method, vars(options)))
     rows = []
-    for group, tokens in batches_of(examples, data.batch_size, input_length, max_examples):
+    for group, tokens in evaluation.padded_batches(
+            itertools.islice(examples, max_examples), data.batch_size, input_length,
+            lambda example: example["ids"]):
         predicted, scores = predict(params, tokens)
         for row, example in enumerate(group):
             record = {"input": example["input"],
@@ -134,8 +114,8 @@ def run(model_config: models.T5Config = gin.REQUIRED, data: train.DataConfig = g
             rows.append(record)
     if jax.process_index() == 0:
         _write_atomically(output_file, rows)
-    train.say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method}) to "
-              f"{output_file}")
+    run_config.say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method.value}) "
+                   f"to {output_file}")
     return len(rows)
 
 

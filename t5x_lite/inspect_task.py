@@ -48,7 +48,7 @@ def examples(task_name: str, split: str, lengths: dict[str, int], count: int,
 
 
 def describe(task_name: str, split: str, lengths: dict[str, int], count: int, seed: int) -> str:
-    vocabulary = tasks.get_task_or_mixture(task_name).output_features["targets"].vocabulary
+    vocabulary = tasks.targets_vocabulary(task_name)
     blocks = [f"{task_name} ({split}), lengths {lengths}, vocabulary "
               f"{type(vocabulary).__name__} of {vocabulary.vocab_size} ids"]
     for index, example in enumerate(examples(task_name, split, lengths, count, seed)):

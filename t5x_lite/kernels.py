@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from t5x_lite import choices
 from t5x_lite import ops
 
 
@@ -50,9 +51,6 @@ class Embedding(enum.Enum):
 
 # The bias of a masked (query, key) pair: zeroes its weight in float32 and bfloat16.
 MASKED_LOGIT = -1e10
-AUTO = "auto"
-ATTENTION_CHOICES = (AUTO, *(attention.value for attention in Attention))
-PLATFORM_CHOICES = (AUTO, *(platform.value for platform in Platform))
 # cuDNN's flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention).
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper; 128 holds on every GPU cuDNN's kernel runs on.
@@ -90,18 +88,17 @@ class Kernels:
 
 
 def platform_of(name: str) -> Platform:
-    """The Platform for a T5Config.kernel_platform value or a JAX backend name ('cuda',
-    'rocm' and 'gpu' are GPUs); "auto" is the default backend."""
-    if name == AUTO:
-        name = jax.default_backend()
+    """The Platform of a JAX backend name ('cuda', 'rocm' and 'gpu' are GPUs)."""
     return Platform.GPU if name in ("cuda", "rocm") else Platform(name)
 
 
-def resolve(platform_name: str, attention_name: str, dtype, head_dim: int,
-            dropout_rate: float) -> Kernels:
-    """The kernels for a model on `platform_name` ("auto": this process's backend), with
-    `attention_name` ("auto": the platform's choice) when the model allows it."""
-    platform = platform_of(platform_name)
+def resolve(platform: Platform | str | None, attention: Attention | str | None, dtype,
+            head_dim: int, dropout_rate: float) -> Kernels:
+    """The kernels for a model on `platform` (None or "auto": this process's backend), with
+    `attention` (None or "auto": the platform's choice) when the model allows it."""
+    platform = choices.parse(Platform, platform, "T5Config.kernel_platform", auto=True)
+    platform = platform or platform_of(jax.default_backend())
+    forced = choices.parse(Attention, attention, "T5Config.attention", auto=True)
     if platform is Platform.CPU:
         kernels = Kernels(platform, Attention.EINSUM, Embedding.GATHER, ops.project,
                           ops.add_position_bias, ops.softmax_cross_entropy,
@@ -112,11 +109,10 @@ def resolve(platform_name: str, attention_name: str, dtype, head_dim: int,
         kernels = Kernels(platform, first_choice, embedding, ops.project_autodiff,
                           jnp.add, ops.softmax_cross_entropy_autodiff,
                           jax.lax.Precision.DEFAULT)
-    if attention_name != AUTO:
-        forced = Attention(attention_name)
+    if forced is not None:
         reason = _unfit(forced, jnp.dtype(dtype), head_dim)
         if reason:
-            raise ValueError(f"T5Config.attention={attention_name!r}: {attention_name} "
+            raise ValueError(f"T5Config.attention={forced.value!r}: {forced.value} "
                              f"attention {reason}; T5Config.attention='auto' falls back to "
                              "XLA's attention")
         return dataclasses.replace(kernels, attention=forced)
@@ -222,4 +218,4 @@ ATTENTION_FUNCTIONS = {
 }
 
 # What a LayerConfig built without a model's choice runs: the CPU's kernels.
-CPU_KERNELS = resolve(Platform.CPU.value, AUTO, jnp.float32, 64, 0.0)
+CPU_KERNELS = resolve(Platform.CPU, None, jnp.float32, 64, 0.0)

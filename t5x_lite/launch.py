@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -31,12 +32,19 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad flag as a UsageError (one line) instead of argparse's usage text."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: python {self.prog} --help)")
+
+
 def parse_flags(argv: list[str], description: str,
                 parser: argparse.ArgumentParser | None = None,
                 require_gin_file: bool = True) -> argparse.Namespace:
     """Reads --gin_file (repeatable), --gin_bindings (repeatable) and --gin.NAME=VALUE, plus
     the arguments `parser` already declares."""
-    parser = parser or argparse.ArgumentParser(description=description)
+    parser = parser or ArgumentParser(description=description)
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
@@ -135,6 +143,7 @@ from t5x_lite import models
 from t5x_lite import moe
 from t5x_lite import optimizers
 from t5x_lite import partitioning
+from t5x_lite import run_config
 from t5x_lite.data import objectives
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab
@@ -173,7 +182,9 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
         gin_checks.check_macros(gin_bindings, known_macros)
         gin.finalize()
     except ModuleNotFoundError as error:  # a gin file's `import my_tasks`
-        raise UsageError(f"gin files import {error.name!r}, which is not on the Python path: "
+        # Gin re-raises the import's error without its `name`; the message still holds it.
+        missing = error.name or re.search(r"named '([\w.]+)'", str(error)).group(1)
+        raise UsageError(f"gin files import {missing!r}, which is not on the Python path: "
                          "run from the directory holding it, or add it to PYTHONPATH") from error
     except Exception as error:  # Gin raises many types (tokenize errors, IOError, ...).
         raise UsageError(gin_checks.explain(error)) from error
@@ -190,7 +201,7 @@ def import_modules(names: list[str]) -> None:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
+            if error.name is None or not f"{name}.".startswith(f"{error.name}."):
                 raise  # the module itself imports something missing: its traceback says what
             raise UsageError(f"--module_import={name}: no module {name!r} in the current "
                              "directory or on the Python path: run from the directory "

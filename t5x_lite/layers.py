@@ -7,6 +7,8 @@ Dimension letters: B batch, L encoder length, T decoder length, S attended lengt
 D model, H heads, K head dim, F mlp, V vocab, R relative-position buckets.
 """
 import dataclasses
+import enum
+import inspect
 from typing import Callable
 
 import flax.linen as nn
@@ -372,33 +374,39 @@ class DecoderLayer(nn.Module):
         return constrain(y_BTD, ("batch", "length", "embed"))
 
 
-# T5Config.remat_policy -> what a rematerialised layer keeps for the backward pass.
-REMAT_POLICIES = {
+class RematPolicy(enum.Enum):
+    """T5Config.remat_policy: what a rematerialised layer keeps for the backward pass."""
+
     # Keep everything: the layer is not wrapped in nn.remat at all.
-    "none": None,
+    NONE = "none"
     # Keep only the outputs of the weight matmuls (q/k/v/out projections, MLP wi/wo): as
     # dot_generals they have no batch dimensions, while the attention logits and context
     # einsums are batched over B and H and are not kept. checkpoint_dots would also keep
     # those [B, H, T, S] logits, the one activation that grows with length squared.
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    MINIMAL = "minimal"
     # Keep nothing: the whole layer is recomputed from its input in the backward pass.
-    "full": jax.checkpoint_policies.nothing_saveable,
+    FULL = "full"
+
+
+CHECKPOINT_POLICIES = {
+    RematPolicy.MINIMAL: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
 }
 
 
-def rematerialised(layer_class: type[nn.Module], policy: str, deterministic_argnum: int,
-                   scanned: bool) -> type[nn.Module]:
-    """`layer_class`, recomputed in the backward pass as REMAT_POLICIES[policy] says.
-
-    `deterministic_argnum` is the position of the `deterministic` argument of __call__,
-    counting self as 0: it chooses Python branches (dropout), so it must be static.
-    """
-    if policy == "none":
+def rematerialised(layer_class: type[nn.Module], policy: RematPolicy, scanned: bool
+                   ) -> type[nn.Module]:
+    """`layer_class`, recomputed in the backward pass as `policy` says. Its __call__'s
+    `deterministic` argument chooses Python branches (dropout), so it is static: found by
+    name, wherever it stands."""
+    if policy is RematPolicy.NONE:
         return layer_class
+    # Counting self as 0, as nn.remat does.
+    argnum = list(inspect.signature(layer_class.__call__).parameters).index("deterministic")
     # Inside nn.scan the loop body already keeps XLA from merging the recomputation back into
     # the forward pass; prevent_cse's barriers would only cost time (nn.remat's docstring).
-    return nn.remat(layer_class, policy=REMAT_POLICIES[policy], prevent_cse=not scanned,
-                    static_argnums=(deterministic_argnum,))
+    return nn.remat(layer_class, policy=CHECKPOINT_POLICIES[policy], prevent_cse=not scanned,
+                    static_argnums=(argnum,))
 
 
 def scan_layers(layer: nn.Module, num_layers: int, x: jax.Array, *shared) -> jax.Array:

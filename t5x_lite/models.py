@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import choices
 from t5x_lite import decoding
 from t5x_lite import kernels as kernels_lib
 from t5x_lite import layers
@@ -44,16 +45,16 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     activation_dtype: Any = jnp.float32  # float32 or bfloat16; parameters stay float32.
     z_loss: float = 1e-4
-    # Memory: what each layer keeps for the backward pass (layers.REMAT_POLICIES), and whether
+    # Memory: what each layer keeps for the backward pass (layers.RematPolicy), and whether
     # the stacks run as one nn.scan over parameters stacked on a leading "layers" axis
     # (compiles one layer instead of all of them; the parameter tree changes shape).
-    remat_policy: str = "none"
+    remat_policy: layers.RematPolicy = layers.RematPolicy.NONE
     scan_layers: bool = False
-    # The hot path's kernels (kernels.py), chosen for `kernel_platform` ("auto": the backend
-    # this process runs on; precompile names its target's). `attention` overrides the
-    # platform's choice: "einsum", "xla", "cudnn" or "pallas_tpu".
-    attention: str = "auto"
-    kernel_platform: str = "auto"
+    # The hot path's kernels (kernels.py), chosen for `kernel_platform` (None or "auto": the
+    # backend this process runs on; precompile names its target's). `attention` overrides
+    # the platform's choice: "einsum", "xla", "cudnn" or "pallas_tpu" (None or "auto": none).
+    attention: kernels_lib.Attention | None = None
+    kernel_platform: kernels_lib.Platform | None = None
     # Sparse Mixture-of-Experts MLPs in every moe.sparse_every-th layer; None: a dense model.
     moe: moe_lib.MoeConfig | None = None
 
@@ -72,17 +73,14 @@ class T5Config:
                                                     jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"T5Config.activation_dtype must be float32 or bfloat16, got "
                              f"{self.activation_dtype}")
-        if self.remat_policy not in layers.REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat_policy must be one of "
-                             f"{tuple(layers.REMAT_POLICIES)}, got {self.remat_policy!r}")
-        for name, choices in (("attention", kernels_lib.ATTENTION_CHOICES),
-                              ("kernel_platform", kernels_lib.PLATFORM_CHOICES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"T5Config.{name} must be one of {choices}, got "
-                                 f"{getattr(self, name)!r}")
-        if self.attention not in (kernels_lib.AUTO, "einsum") and self.dropout_rate > 0:
-            raise ValueError(f"T5Config.attention = {self.attention!r} has no dropout on the "
-                             "attention weights: use 'einsum' with dropout_rate > 0")
+        choices.set_parsed(self, "remat_policy", layers.RematPolicy, "T5Config.remat_policy")
+        for name, choice_type in (("attention", kernels_lib.Attention),
+                                  ("kernel_platform", kernels_lib.Platform)):
+            choices.set_parsed(self, name, choice_type, f"T5Config.{name}", auto=True)
+        forced = self.attention not in (None, kernels_lib.Attention.EINSUM)
+        if forced and self.dropout_rate > 0:
+            raise ValueError(f"T5Config.attention = {self.attention.value!r} has no dropout on "
+                             "the attention weights: use 'einsum' with dropout_rate > 0")
         if self.moe is not None and self.scan_layers:
             raise ValueError("T5Config.scan_layers needs identical layers, but moe makes some "
                              "sparse: set T5Config.scan_layers = False for MoE models")
@@ -121,10 +119,9 @@ class Transformer(nn.Module):
 
         self.encoder_relative_bias = relative_bias(True, "encoder_relative_bias")
         self.decoder_relative_bias = relative_bias(False, "decoder_relative_bias")
-        # `deterministic` is argument 4 of EncoderLayer and 6 of DecoderLayer (self is 0).
-        encoder_layer = layers.rematerialised(layers.EncoderLayer, cfg.remat_policy, 4,
+        encoder_layer = layers.rematerialised(layers.EncoderLayer, cfg.remat_policy,
                                               cfg.scan_layers)
-        decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy, 6,
+        decoder_layer = layers.rematerialised(layers.DecoderLayer, cfg.remat_policy,
                                               cfg.scan_layers)
         cache_length = self.decode_cache_length
         if cfg.scan_layers:
@@ -339,25 +336,26 @@ class EncoderDecoderModel:
                                  batch["encoder_segment_ids"], method=Transformer.encode)
 
     def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 64,
-                      method: str = "greedy", eos_id: int = 1, **options
+                      method: decoding.Method | str = decoding.Method.GREEDY, eos_id: int = 1,
+                      **options
                       ) -> tuple[jax.Array, jax.Array]:
         """Decodes targets for the batch's encoder inputs: the encoder runs once, the decoder
         one position at a time over a key/value cache.
 
-        `method` is "greedy", "beam" or "sample"; `options` are decoding.DecodeOptions
+        `method` is a decoding.Method or its name ("greedy", "beam", "sample"); `options` are decoding.DecodeOptions
         fields (beam_size, alpha, temperature, top_k, top_p, seed). Returns tokens int32
         [B, max_decode_length] (no start token; 0 after EOS) and scores float32 [B]: the
         summed log-probability of each sequence up to and including EOS (for beam search,
         divided by the length penalty).
         """
-        decoding.check_method(method)
+        method = decoding.parse_method(method)
         try:
             settings = decoding.DecodeOptions(**options)
         except TypeError:
             raise ValueError(f"unknown decoding option in {sorted(options)}: options are "
                              f"{', '.join(decoding.DecodeOptions.__dataclass_fields__)}"
                              ) from None
-        copies = settings.beam_size if method == "beam" else 1
+        copies = settings.beam_size if method is decoding.Method.BEAM else 1
         step_fn, cache = self.cached_decoder(params, batch, max_decode_length, copies)
         batch_size = batch["encoder_input_tokens"].shape[0]
         # Scanned layers stack their caches on a leading layers axis.

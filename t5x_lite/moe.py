@@ -8,14 +8,18 @@ C expert capacity (tokens per expert per group), K experts chosen per token.
 Routing runs in float32 whatever the activation dtype.
 """
 import dataclasses
+import enum
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import choices
 from t5x_lite import layers
 
-ROUTERS = ("tokens_choose", "experts_choose")
+class Router(enum.Enum):
+    TOKENS_CHOOSE = "tokens_choose"  # each token picks its top-k experts (Switch, ST-MoE)
+    EXPERTS_CHOOSE = "experts_choose"  # each expert picks its top tokens (Zhou et al.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,7 @@ class MoeConfig:
     """
 
     num_experts: int = 8
-    router: str = "tokens_choose"
+    router: Router = Router.TOKENS_CHOOSE
     num_selected: int = 1
     capacity_factor_train: float = 1.25
     capacity_factor_eval: float = 2.0
@@ -57,8 +61,7 @@ class MoeConfig:
         def fail(field: str, problem: str):
             raise ValueError(f"moe.MoeConfig.{field} {problem}, got {getattr(self, field)!r}")
 
-        if self.router not in ROUTERS:
-            fail("router", f"must be one of {ROUTERS}")
+        choices.set_parsed(self, "router", Router, "moe.MoeConfig.router")
         for field in ("num_experts", "num_selected", "min_expert_capacity", "group_size",
                       "sparse_every"):
             if getattr(self, field) < 1:
@@ -216,7 +219,7 @@ class SparseMlp(nn.Module):
         logits_GSE = self._router_logits(x_GSD, deterministic)
         probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
         capacity = moe.expert_capacity(tokens, deterministic)
-        if moe.router == "tokens_choose":
+        if moe.router is Router.TOKENS_CHOOSE:
             dispatch_GSEC, combine_GSEC = tokens_choose(
                 probs_GSE, valid_GS, moe.num_selected, capacity,
                 moe.batch_prioritized_routing and not self.causal, moe.renormalize_weights)
@@ -239,7 +242,7 @@ class SparseMlp(nn.Module):
             "load_balancing_loss": balance,
             "router_z_loss": router_z_loss(logits_GSE, valid_GS),
             **routing_metrics(dispatch_GSEC, valid_GS,
-                              moe.num_selected if moe.router == "tokens_choose" else 0)})
+                              moe.num_selected if moe.router is Router.TOKENS_CHOOSE else 0)})
         return layers.constrain(output_GSD.reshape(batch, length, width),
                                 ("batch", "length", "embed"))
 
@@ -261,55 +264,6 @@ class SparseMlp(nn.Module):
         if self.moe.expert_d_ff is None:
             return self.config
         return dataclasses.replace(self.config, d_ff=self.moe.expert_d_ff)
-
-
-def upcycle(moe_params, dense_params):
-    """MoE parameters from a dense model's (sparse upcycling, Komatsuzaki et al. 2023): every
-    expert kernel is a copy of the dense MLP kernel at the same path without "experts";
-    routers keep their fresh initialisation; everything else is copied. Works on
-    ShapeDtypeStructs too (for shapes only). Raises ValueError naming the first parameter
-    the dense tree cannot supply."""
-    dense = {jax.tree_util.keystr(path): leaf
-             for path, leaf in jax.tree_util.tree_leaves_with_path(dense_params)}
-
-    def take(path, moe_leaf):
-        keys = [getattr(key, "key", key) for key in path]
-        if "router" in keys:
-            return moe_leaf
-        source_keys = [key for key in keys if key != "experts"]
-        name = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in source_keys))
-        if name not in dense:
-            raise ValueError(f"the dense checkpoint has no parameter {name} for MoE parameter "
-                             f"{jax.tree_util.keystr(path)}: upcycle from a checkpoint of the "
-                             "same dense architecture")
-        source = dense[name]
-        expected = moe_leaf.shape[1:] if "experts" in keys else moe_leaf.shape
-        if tuple(source.shape) != tuple(expected):
-            raise ValueError(f"dense parameter {name} has shape {tuple(source.shape)}, but "
-                             f"{jax.tree_util.keystr(path)} needs {tuple(expected)}: upcycle "
-                             "from a checkpoint of the same dense architecture")
-        if "experts" in keys:
-            return jnp.broadcast_to(jnp.asarray(source, moe_leaf.dtype)[None], moe_leaf.shape)
-        return jnp.asarray(source, moe_leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(take, moe_params)
-
-
-def dense_shardings(moe_shardings) -> dict:
-    """{keystr of a dense parameter path: its sharding} for the dense parameters `upcycle`
-    reads, from the MoE parameters' NamedShardings (an expert kernel's minus the expert
-    dimension), so a dense checkpoint can be restored straight into matching shards."""
-    found = {}
-    for path, sharding in jax.tree_util.tree_leaves_with_path(moe_shardings):
-        keys = [getattr(key, "key", key) for key in path]
-        if "router" in keys:
-            continue
-        spec = tuple(sharding.spec)
-        if "experts" in keys:
-            keys, spec = [key for key in keys if key != "experts"], spec[1:]
-        name = jax.tree_util.keystr(tuple(jax.tree_util.DictKey(key) for key in keys))
-        found[name] = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    return found
 
 
 def layer_metrics(intermediates) -> dict[str, dict[str, jax.Array]]:

@@ -2,6 +2,7 @@
 parameters and batches. Model code names only logical axes; this module alone names mesh axes.
 """
 import dataclasses
+import enum
 
 import flax.linen as nn
 import jax
@@ -10,17 +11,44 @@ from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t5x_lite import choices
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # The expert axis splits the batch too: outside sparse MLPs its devices are data parallel.
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# Logical axis -> mesh axis (or axes). Batches split over data, fsdp and expert; parameters
-# shard their embed dimension over fsdp (ZeRO-3 style), heads / mlp / vocab over tensor, and
-# MoE expert weights over expert. Inside a sparse MLP, tokens move from the batch layout to
-# [experts (expert), groups (expert_group: data, fsdp), ...]: the all-to-all of expert
-# parallelism. With fsdp = tensor = expert = 1 this is plain data parallelism.
-# gin/partitioning/ holds named tables.
-LOGICAL_AXIS_RULES = (
+# A rule table maps each logical axis to a mesh axis, a tuple of them, or None (not split).
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+class RuleTable(enum.Enum):
+    """The partitioning strategies, one rule table each (gin/partitioning/<value>.gin)."""
+
+    DATA = "data"
+    FSDP = "fsdp"
+    FSDP_TENSOR = "fsdp_tensor"
+    EXPERT = "expert"
+
+
+def override_rules(rules: Rules, overrides: Rules, setting: str) -> Rules:
+    """`rules` with the rule of each logical axis that `overrides` names replaced. Overrides
+    add no axes: naming one without a rule is an error listing those with one (a new logical
+    axis gets its rule in every table below)."""
+    known = [logical for logical, _ in rules]
+    for logical, _ in overrides:
+        if logical not in known:
+            raise ValueError(f"{setting}: logical axis {logical!r} has no rule to override; "
+                             f"logical axes are {', '.join(known)}")
+    replaced = dict(overrides)
+    return tuple((logical, replaced.get(logical, mesh_axes)) for logical, mesh_axes in rules)
+
+
+# Batches split over data, fsdp and expert; parameters shard their embed dimension over fsdp
+# (ZeRO-3 style), heads / mlp / vocab over tensor, and MoE expert weights over expert. Inside
+# a sparse MLP, tokens move from the batch layout to [experts (expert), groups (expert_group:
+# data, fsdp), ...]: the all-to-all of expert parallelism. With fsdp = tensor = expert = 1
+# this is plain data parallelism.
+_FSDP_TENSOR_RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
@@ -33,12 +61,45 @@ LOGICAL_AXIS_RULES = (
     ("expert", "expert"),
     ("expert_group", ("data", "fsdp")),
 )
+# FSDP: parameters split their embed dimension only (and experts, over the expert axis).
+_FSDP_RULES = override_rules(_FSDP_TENSOR_RULES,
+                             (("heads", None), ("mlp", None), ("vocab", None)), "fsdp rules")
+# Data parallelism: parameters are whole on every device (experts aside).
+_DATA_RULES = override_rules(_FSDP_RULES, (("embed", None),), "data rules")
+RULE_TABLES: dict[RuleTable, Rules] = {
+    RuleTable.DATA: _DATA_RULES,
+    RuleTable.FSDP: _FSDP_RULES,
+    RuleTable.FSDP_TENSOR: _FSDP_TENSOR_RULES,
+    # Expert parallelism needs no rule of its own: data parallelism's table already splits
+    # expert weights over the expert axis; gin/partitioning/expert.gin sizes that axis.
+    RuleTable.EXPERT: _DATA_RULES,
+}
+
+
+def _override_pairs(overrides: dict | tuple) -> Rules:
+    """MeshConfig.rule_overrides as (logical axis, mesh axes) pairs, gin's lists as tuples."""
+    pairs = tuple(overrides.items()) if isinstance(overrides, dict) else tuple(overrides)
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ValueError("partitioning.MeshConfig.rule_overrides must map logical axes to "
+                             f"mesh axes, as {{'vocab': None}}; got {overrides!r}")
+    logicals = [logical for logical, _ in pairs]
+    repeated = [logical for logical in logicals if logicals.count(logical) > 1]
+    if repeated:
+        raise ValueError(f"partitioning.MeshConfig.rule_overrides: logical axis "
+                         f"{repeated[0]!r} is overridden twice")
+    return tuple((logical, tuple(mesh_axes) if isinstance(mesh_axes, list) else mesh_axes)
+                 for logical, mesh_axes in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh shape over all devices (one axis may be -1 to take the remaining devices) and
     the rule table mapping logical axis names to its axes.
+
+    `rule_table` picks one of RULE_TABLES (gin binds its value: 'fsdp'); `rule_overrides`
+    replace single rules of it, as a dict or (logical axis, mesh axes) pairs:
+    {'vocab': None}. `rules` is the resulting table, the one every sharding of the run reads.
 
     With `dcn_data` > 1 the devices form that many slices (TPU slices, or processes where
     devices name no slice) joined by the slower data-center network: the sizes above describe
@@ -50,8 +111,10 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
-    rules: tuple = LOGICAL_AXIS_RULES
+    rule_table: RuleTable = RuleTable.FSDP_TENSOR
+    rule_overrides: dict | tuple = ()
     dcn_data: int = 1
+    rules: Rules = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         sizes = self.sizes()
@@ -60,12 +123,13 @@ class MeshConfig:
         if sum(size == -1 for size in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ValueError(f"mesh sizes must be positive with at most one -1, got "
                              f"{dict(zip(MESH_AXES, sizes))}")
-        # Gin writes lists; flax wants a tuple of (logical, mesh axis or tuple of them).
-        object.__setattr__(self, "rules", tuple(
-            (logical, tuple(mesh_axes) if isinstance(mesh_axes, list) else mesh_axes)
-            for logical, mesh_axes in self.rules))
+        choices.set_parsed(self, "rule_table", RuleTable, "partitioning.MeshConfig.rule_table")
+        object.__setattr__(self, "rule_overrides", _override_pairs(self.rule_overrides))
+        object.__setattr__(self, "rules", override_rules(
+            RULE_TABLES[self.rule_table], self.rule_overrides,
+            "partitioning.MeshConfig.rule_overrides"))
         for logical, mesh_axes in self.rules:
-            unknown = set(mesh_axes if isinstance(mesh_axes, (tuple, list)) else
+            unknown = set(mesh_axes if isinstance(mesh_axes, tuple) else
                           [mesh_axes]) - set(MESH_AXES) - {None}
             if unknown:
                 raise ValueError(f"rule {logical!r} -> {mesh_axes!r} names unknown mesh axis "
@@ -123,7 +187,7 @@ def create_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
         process_is_granule=by_process), MESH_AXES)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+def logical_to_sharding(logical_specs, mesh: Mesh, rules: Rules):
     """Maps a pytree of logical PartitionSpecs to NamedShardings on the mesh; a logical axis
     with no rule is an error naming it."""
     known = {logical for logical, _ in rules}
@@ -132,7 +196,8 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         missing = [axis for axis in spec if axis is not None and axis not in known]
         if missing:
             raise ValueError(f"logical axis {missing[0]!r} has no partitioning rule: add "
-                             f"('{missing[0]}', None) or a mesh axis to MeshConfig.rules")
+                             f"('{missing[0]}', None) or a mesh axis to every table in "
+                             "partitioning.RULE_TABLES")
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 

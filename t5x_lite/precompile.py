@@ -46,11 +46,13 @@ from t5x_lite import accelerators  # noqa: E402
 from t5x_lite import flops  # noqa: E402
 from t5x_lite import launch  # noqa: E402
 from t5x_lite import partitioning  # noqa: E402
-from t5x_lite import train  # noqa: E402
+from t5x_lite import run_config  # noqa: E402
 from t5x_lite import trainer as trainer_lib  # noqa: E402
 from t5x_lite.data import pipeline  # noqa: E402
 
 # Macros a training run must set that compiling never reads; the command line overrides them.
+# The training run whose steps precompile compiles, as the run files register it with gin.
+TRAIN_RUN = "t5x_lite.train.run"
 UNUSED_RUN_MACROS = ["MODEL_DIR = '/precompile/reads/no/model_dir'", "TRAIN_STEPS = 1"]
 # libtpu looks for the TPU it runs on unless told there is none to find.
 LIBTPU_ENVIRONMENT = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
@@ -93,10 +95,17 @@ def topology_devices(topology: accelerators.Topology) -> list:
 
 
 def run_settings() -> dict:
-    """t5x_lite.train.run's arguments as the parsed gin files bind them (defaults filled)."""
+    """t5x_lite.train.run's arguments as the parsed gin files bind them (defaults filled).
+    Looked up in gin's registry, which the run files' `import t5x_lite.train` filled: one
+    entry point does not import another."""
+    try:
+        train_run = gin.get_configurable(TRAIN_RUN)
+    except ValueError:
+        raise launch.UsageError(f"no gin file registers {TRAIN_RUN}: pass the training run's "
+                                "files, e.g. --gin_file=gin/runs/pretrain.gin") from None
     settings = {name: parameter.default for name, parameter
-                in inspect.signature(train.run).parameters.items()}
-    settings.update(gin.get_bindings(train.run))
+                in inspect.signature(train_run).parameters.items()}
+    settings.update(gin.get_bindings(TRAIN_RUN))
     return settings
 
 
@@ -190,7 +199,7 @@ def memory_per_device(compiled, state) -> dict[str, int]:
 
 
 def report(topology: accelerators.Topology, trainer: trainer_lib.Trainer, steps: dict,
-           data: train.DataConfig) -> dict:
+           data: run_config.DataConfig) -> dict:
     chip, compiled = topology.chip, steps["train"]
     usable = accelerators.usable_memory_bytes(chip, os.environ)
     state = trainer.sharded_abstract_state()
@@ -236,7 +245,7 @@ def advice(mesh_shape: dict, settings: dict, temporaries_dominate: bool) -> str:
         changes.append("shard parameters and optimizer state (--gin_file=gin/partitioning/"
                        "fsdp.gin)")
     activations = (f"set models.T5Config.remat_policy (now "
-                   f"{settings['model_config'].remat_policy!r}) or raise "
+                   f"{settings['model_config'].remat_policy.value!r}) or raise "
                    f"t5x_lite.train.run.num_microbatches (now {settings['num_microbatches']})")
     changes.insert(0 if temporaries_dominate else len(changes), activations)
     return ", or ".join([*changes, "use a topology with more chips"])
@@ -274,10 +283,10 @@ def precompile(topology_name: str) -> dict:
     """Compiles the parsed gin configuration's run for `topology_name`; its report."""
     topology = accelerators.parse_topology(topology_name)
     settings = run_settings()
-    data = settings["data"].filled(train.TRAINING_DEFAULTS)
+    data = settings["data"].filled(run_config.TRAINING_DEFAULTS)
     devices = topology_devices(topology)
-    train.check_batch_divides(data, settings["mesh_config"], settings["num_microbatches"],
-                              len(devices))
+    run_config.check_batch_divides(data, settings["mesh_config"], settings["num_microbatches"],
+                                   len(devices))
     model_config = dataclasses.replace(settings["model_config"],
                                        kernel_platform=topology.chip.platform)
     trainer = trainer_lib.build_trainer(

@@ -32,18 +32,18 @@ class Trainer:
 
     `learning_rate` is the schedule inside `optimizer`, kept to report the rate per step.
     Dropout randomness is derived from `dropout_seed` and the step, so a resumed run draws
-    the same masks as an uninterrupted one. `rules` map the model's logical axis names to
-    mesh axes. With `num_microbatches` > 1 each step accumulates the gradients of that many
-    slices of the batch (one slice's activations in memory at a time) and applies one update
-    equal to the full batch's.
+    the same masks as an uninterrupted one. `rules` (the run's MeshConfig.rules) map the
+    model's logical axis names to the mesh's axes. With `num_microbatches` > 1 each step
+    accumulates the gradients of that many slices of the batch (one slice's activations in
+    memory at a time) and applies one update equal to the full batch's.
     """
 
     model: models.EncoderDecoderModel
     optimizer: optax.GradientTransformation
     learning_rate: Callable[[jax.Array], jax.Array]
     mesh: Mesh
+    rules: partitioning.Rules
     dropout_seed: int = 0
-    rules: tuple = partitioning.LOGICAL_AXIS_RULES
     num_microbatches: int = 1
 
     def __post_init__(self):
@@ -168,35 +168,41 @@ def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSc
     """With `max_consecutive_skips` (nan_policy "skip") the optimizer leaves the parameters
     unchanged on a step whose gradients are not finite (optax.apply_if_finite). `devices`
     (default: this process's) may be a topology's, to compile for it (precompile.py)."""
-    mesh = partitioning.create_mesh(mesh_config, devices)
-    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
+    mesh = model_mesh(model_config, mesh_config, devices)
     if not callable(learning_rate):
         learning_rate = optax.constant_schedule(learning_rate)
     transform = optimizer(learning_rate=learning_rate)
     if max_consecutive_skips is not None:
         transform = optax.apply_if_finite(transform, max_consecutive_skips)
-    return Trainer(models.EncoderDecoderModel(model_config),
-                               transform, learning_rate, mesh,
-                               dropout_seed=seed, rules=mesh_config.rules,
-                               num_microbatches=num_microbatches)
+    return Trainer(models.EncoderDecoderModel(model_config), transform, learning_rate, mesh,
+                   rules=mesh_config.rules, dropout_seed=seed,
+                   num_microbatches=num_microbatches)
+
+
+def model_mesh(model_config: models.T5Config, mesh_config: partitioning.MeshConfig,
+               devices: list | None = None) -> Mesh:
+    """The mesh of `mesh_config` over `devices` (default: all), checked against the model
+    (an MoE's experts must split evenly over the expert axis)."""
+    mesh = partitioning.create_mesh(mesh_config, devices)
+    moe.check_expert_axis(model_config.moe, mesh.shape["expert"])
+    return mesh
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules=partitioning.LOGICAL_AXIS_RULES):
+def mesh_context(mesh: Mesh, rules: partitioning.Rules):
     """Enters the mesh and the logical axis rules that activation constraints read."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 
-def in_mesh(fn: Callable, mesh: Mesh, rules=partitioning.LOGICAL_AXIS_RULES) -> Callable:
+def in_mesh(fn: Callable, mesh: Mesh, rules: partitioning.Rules) -> Callable:
     def run(*args, **kwargs):
         with mesh_context(mesh, rules):
             return fn(*args, **kwargs)
     return run
 
 
-def param_shardings(model: models.EncoderDecoderModel, mesh: Mesh,
-                    rules=partitioning.LOGICAL_AXIS_RULES):
+def param_shardings(model: models.EncoderDecoderModel, mesh: Mesh, rules: partitioning.Rules):
     return partitioning.logical_to_sharding(model.logical_axes(), mesh, rules)
 
 
@@ -239,7 +245,7 @@ def _dict_keys(path) -> tuple:
 
 
 def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,
-                      rules=partitioning.LOGICAL_AXIS_RULES) -> Callable:
+                      rules: partitioning.Rules) -> Callable:
     """Returns fn(params, batch) -> summed loss / z_loss / correct / weight over the batch."""
     return in_mesh(jitted_eval_step(model, mesh, shardings), mesh, rules)
 

@@ -1,9 +1,11 @@
-"""scripts/benchmark.py prints measurements whose derived figures follow from the measured
-ones, keeps stdout to JSON with --json, and rejects bad input in one line with status 2."""
+"""scripts/benchmark.py (the package scripts/bench/) prints measurements whose derived figures
+follow from the measured ones, keeps stdout to JSON with --json, rejects bad input in one line
+with status 2, and imports neither an entry point nor torch where no comparison asks for it."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,12 +23,12 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
 
 
 def rows_in_process(capsys, *args: str) -> list[dict]:
-    """The --json rows of benchmark.main(args), run in this process: no interpreter, JAX and
+    """The --json rows of bench.cli.main(args), run in this process: no interpreter, JAX and
     TensorFlow start-up per test (the subprocess tests keep the command line covered)."""
-    import benchmark
+    from bench import cli
 
     capsys.readouterr()
-    benchmark.main([*args, "--json"])
+    cli.main([*args, "--json"])
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -35,42 +37,62 @@ def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-QUICK_FIELDS = ("step_seconds", "tokens_per_second", "examples_per_second", "compile_seconds",
-                "model_flops_per_step", "peak_flops", "mfu", "batch", "inputs", "targets",
-                "steps")
+def t5_1_1_tiny_flops(batch: int, inputs: int, targets: int) -> int:
+    """Matmul FLOPs of one t5_1_1_tiny train step written out from gin/models/t5_1_1_tiny.gin's
+    widths (d_model 128, 4 heads x 32, gated MLP 512, 2 + 2 layers, vocabulary 32,128): 2 FLOPs
+    a multiply-add, backward twice the forward."""
+    d, f, v = 128, 512, 32128
+    # Per encoder token and layer: q, k, v, o; the gated MLP's 3 matrices; scores and
+    # weighted values over `inputs` keys. Then each decoder layer's cross-attention k, v.
+    encoder_token = 2 * (2 * (4 * d * d + 3 * d * f) + 4 * inputs * d) + 2 * 4 * d * d
+    # Per decoder token and layer: self q, k, v, o and cross q, o; the MLP; self-attention
+    # over `targets` keys, cross-attention over `inputs`. Then the logits.
+    decoder_token = (2 * (2 * (6 * d * d + 3 * d * f) + 4 * targets * d + 4 * inputs * d)
+                     + 2 * d * v)
+    return 3 * batch * (inputs * encoder_token + targets * decoder_token)
 
 
-def test_quick_run_gives_every_train_figure_and_they_follow_from_the_median_step():
-    (row,) = json_rows(run_benchmark("--quick"))
+def test_quick_run_figures_agree_with_its_arguments_the_model_and_the_clock():
+    """--quick is `train --preset t5_1_1_tiny --batch 2 --inputs 64 --targets 16 --steps 2
+    --warmup 1 --peak-size 1024`: each figure is checked against those arguments, the tiny
+    model's widths and the wall-clock time of the process that measured it."""
+    start = time.perf_counter()
+    result = run_benchmark("--quick")
+    wall_seconds = time.perf_counter() - start
+    (row,) = json_rows(result)
     assert {key: row[key] for key in ("what", "preset", "implementation", "optimizer",
                                       "dtype", "batch", "inputs", "targets", "steps")} == {
         "what": "train", "preset": "t5_1_1_tiny", "implementation": "t5x_lite",
         "optimizer": "adafactor", "dtype": "float32", "batch": 2, "inputs": 64,
         "targets": 16, "steps": 2}
-    assert all(row[key] > 0 for key in QUICK_FIELDS), row
-    assert row["step_seconds"] < row["compile_seconds"]
-    np.testing.assert_allclose(row["tokens_per_second"], 2 * (64 + 16) / row["step_seconds"],
-                               rtol=1e-6)
-    np.testing.assert_allclose(row["examples_per_second"], 2 / row["step_seconds"], rtol=1e-6)
-    np.testing.assert_allclose(row["mfu"], row["model_flops_per_step"] / row["step_seconds"]
-                               / row["peak_flops"], rtol=1e-6)
+    step = row["step_seconds"]
+    # A step consumes the 2 rows of 64 + 16 token slots the command line asked for.
+    np.testing.assert_allclose(row["tokens_per_second"] * step, 2 * (64 + 16), rtol=1e-9)
+    np.testing.assert_allclose(row["examples_per_second"] * step, 2, rtol=1e-9)
+    # The FLOPs are the model's; MFU is their rate as a share of the measured peak, which
+    # no step of a real model reaches.
+    assert row["model_flops_per_step"] == t5_1_1_tiny_flops(2, 64, 16)
+    np.testing.assert_allclose(row["mfu"] * row["peak_flops"] * step,
+                               t5_1_1_tiny_flops(2, 64, 16), rtol=1e-9)
+    assert 0 < row["mfu"] < 1
+    # Seconds are seconds: the compiling call, the 2 timed steps (their median is their
+    # mean) and the 2 timed 1024^3 peak matmuls all ran within the process's lifetime.
+    peak_matmul_seconds = 2 * 1024**3 / row["peak_flops"]
+    assert 0 < step < row["compile_seconds"]
+    assert row["compile_seconds"] + 2 * step + 2 * peak_matmul_seconds < wall_seconds
 
 
 def test_model_flops_formula_is_within_10_percent_of_xla_cost_analysis():
     """XLA also counts the elementwise work (softmax, norms, the optimizer update), a few
     percent of the step at these shapes; the formula counts the matmuls."""
     import jax
-    import benchmark
+    from bench import presets
 
-    trainer, state, _, batch = benchmark.train_setup("t5_1_1_tiny", 8, 512, 114)
+    trainer, state, _, batch = presets.train_setup("t5_1_1_tiny", 8, 512, 114)
     cost = jax.jit(trainer._train_step).lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    formula = flops.model_flops_per_step(benchmark.model_config_of("t5_1_1_tiny"), 8, 512, 114)
-    assert formula == 3 * 8 * (512 * (2 * (2 * (4 * 128 * 128 + 3 * 128 * 512) + 4 * 512 * 128)
-                                      + 2 * 4 * 128 * 128)
-                               + 114 * (2 * (2 * (6 * 128 * 128 + 3 * 128 * 512)
-                                             + 4 * 114 * 128 + 4 * 512 * 128)
-                                        + 2 * 128 * 32128))
+    formula = flops.model_flops_per_step(presets.model_config_of("t5_1_1_tiny"), 8, 512, 114)
+    assert formula == t5_1_1_tiny_flops(8, 512, 114)
     assert abs(cost["flops"] / formula - 1) < 0.10, (cost["flops"], formula)
 
 
@@ -123,8 +145,9 @@ EIGHT_CPU_DEVICES = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS":
 def test_the_peak_matmul_runs_on_every_device_at_once():
     """peak_flops counts size^3 per device: each of the 8 devices must hold its own pair of
     matrices, or 8 CPU devices sharing the same cores would be credited 8 times over."""
-    probe = ("import json, benchmark, jax.numpy as jnp\n"
-             "for m in benchmark.peak_matmul_operands(jnp.float32, 16):\n"
+    probe = ("import json, jax.numpy as jnp\n"
+             "from bench import peak\n"
+             "for m in peak.peak_matmul_operands(jnp.float32, 16):\n"
              "    print(json.dumps(sorted([s.device.id, list(s.data.shape)]\n"
              "                            for s in m.addressable_shards)))")
     result = subprocess.run(
@@ -150,6 +173,32 @@ def test_state_bytes_shrink_with_fsdp_on_eight_devices():
     for row in rows.values():
         np.testing.assert_allclose(
             row["total_mib"], (row["parameter_bytes"] + row["optimizer_bytes"]) / 2**20)
+
+
+# Modules the train and state subcommands must not import: the entry points (the
+# benchmark builds its trainer itself), the data pipeline's (the train step's benchmark runs
+# on GPU hosts without TensorFlow or seqio), and the comparison's (torch is for --compare-hf).
+NOT_IMPORTED = ("t5x_lite.train", "t5x_lite.eval", "t5x_lite.infer", "t5x_lite.precompile",
+                "t5x_lite.inspect_task", "tensorflow", "seqio", "torch", "transformers")
+
+
+def test_train_and_state_import_no_entry_point_data_pipeline_or_torch():
+    probe = ("import json, sys\n"
+             "from bench import cli\n"
+             "cli.main(['state', '--preset', 't5_1_1_tiny', '--json'])\n"
+             "cli.main(['train', '--preset', 't5_1_1_tiny', '--batch', '2', '--inputs', '16',\n"
+             "          '--targets', '8', '--steps', '1', '--warmup', '0', '--peak-size', '0',\n"
+             "          '--json'])\n"
+             f"print(json.dumps([name for name in {NOT_IMPORTED!r} if name in sys.modules]))")
+    # Two devices: enough for gin/partitioning/fsdp_tensor.gin's tensor axis.
+    result = subprocess.run([sys.executable, "-c", probe], cwd=os.path.dirname(SCRIPT),
+                            capture_output=True, text=True, timeout=300,
+                            env={**EIGHT_CPU_DEVICES,
+                                 "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    *rows, imported = result.stdout.splitlines()
+    assert [json.loads(row)["what"] for row in rows] == ["state"] * 3 + ["train"]
+    assert json.loads(imported) == []
 
 
 def test_remat_rows_are_ratios_to_no_remat(capsys):

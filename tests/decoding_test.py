@@ -169,7 +169,8 @@ def test_one_beam_without_length_penalty_is_greedy(model_and_params):
 
 
 @pytest.mark.parametrize("method, options, message", [
-    ("nucleus", {}, "unknown decoding method 'nucleus': choose one of greedy, beam, sample"),
+    ("nucleus", {}, r"the decoding method \(DECODE_METHOD\) must be one of 'greedy', 'beam', "
+     "'sample', got 'nucleus'"),
     ("beam", dict(beam_size=0), "beam_size must be >= 1, got 0"),
     ("sample", dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     ("sample", dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),

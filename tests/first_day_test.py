@@ -50,8 +50,8 @@ def only_line(result: subprocess.CompletedProcess) -> str:
     ("--gin.MODEL_DIR=runs/quickstart", "error: --gin.MODEL_DIR=runs/quickstart: a string "
      "value needs quotes, which the shell removes unless quoted twice: pass "
      "--gin.MODEL_DIR=\"'runs/quickstart'\""),
-    ("--gin.t5x_lite.train.LoopConfig.nan_polcy='skip'", "error: --gin.t5x_lite.train."
-     "LoopConfig.nan_polcy='skip': t5x_lite.train.LoopConfig has no parameter 'nan_polcy' "
+    ("--gin.t5x_lite.run_config.LoopConfig.nan_polcy='skip'", "error: --gin.t5x_lite.run_config."
+     "LoopConfig.nan_polcy='skip': t5x_lite.run_config.LoopConfig has no parameter 'nan_polcy' "
      "(did you mean nan_policy?)"),
     ("--gin.models.T5Confg.dropout_rate=0.1", "error: --gin.models.T5Confg.dropout_rate=0.1: "
      "models.T5Confg: t5x_lite.models has no 'T5Confg' (did you mean T5Config?)"),
@@ -145,7 +145,8 @@ def test_config_gin_has_real_module_names_and_parses_back(quickstart_dir):
     path = quickstart_dir / "runs/quickstart/config.gin"
     text = path.read_text()
     assert "t5x_lite3" not in text and " as " not in text
-    assert "t5x_lite.train.DataConfig.batch_size = %BATCH_SIZE" in text
+    assert "from t5x_lite import run_config\n" in text
+    assert "\nrun_config.DataConfig.batch_size = %BATCH_SIZE\n" in text
     launch.parse_gin([str(path)], [])
     try:
         config = gin.get_configurable(models.T5Config)()

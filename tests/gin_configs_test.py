@@ -12,7 +12,7 @@ import pytest
 
 from t5x_lite import launch
 from t5x_lite import models
-from t5x_lite import train
+from t5x_lite import run_config
 from t5x_lite.data import tasks
 
 GIN_DIR = launch.GIN_DIR
@@ -35,6 +35,8 @@ PUBLISHED_COUNTS = {
     "t5_1_0_11b": 11_307_321_344,
 }
 PRESETS = sorted(os.path.basename(p)[:-4] for p in glob.glob(f"{GIN_DIR}/models/*.gin"))
+# gin/*.gin runs that include their model themselves.
+WHOLE_RUNS = ("quickstart.gin", "docstrings.gin")
 # Small enough to run for real on CPU; larger presets run the forward pass abstractly.
 CONCRETE = {"t5_1_1_tiny", "t5_1_1_small", "t5_1_0_small"}
 
@@ -69,18 +71,29 @@ def test_model_preset_builds_and_runs(preset):
 @pytest.mark.parametrize("path", sorted(
     os.path.relpath(p, GIN_DIR) for p in glob.glob(f"{GIN_DIR}/**/*.gin", recursive=True)
     if "/models/" not in p))
-def test_run_file_parses_and_finalizes(path):
-    includes = [] if path == "quickstart.gin" else ["models/t5_1_1_tiny.gin"]
+def test_run_file_leaves_the_models_computation_alone(path):
+    """A run, objective or partitioning file composed after a model preset parses, finalizes
+    and leaves the model computing exactly what the preset alone computes (files never reset
+    what another file set); the whole runs in gin/ train the tiny preset with their own
+    vocabulary's size."""
+    includes = [] if path in WHOLE_RUNS else ["models/t5_1_1_tiny.gin"]
     model = model_from_gin(includes + [path], [] if path == "quickstart.gin" else REQUIRED_MACROS)
     assert gin.config_is_locked()
-    assert model.config.d_model > 0
     gin.clear_config()
+    vocab_size = ["models.T5Config.vocab_size = 8192"] if path in WHOLE_RUNS else []
+    preset = model_from_gin(["models/t5_1_1_tiny.gin"], vocab_size)
+    gin.clear_config()
+    assert model.config == preset.config
+    params = preset.init(jax.random.key(0))
+    logits = forward(model, params)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert bool(jnp.all(logits == forward(preset, params)))
 
 
 def test_quickstart_binds_the_t5x_macros():
     launch.parse_gin(["quickstart.gin"], ["TRAIN_STEPS = 7", "BATCH_SIZE = 4"])
-    assert gin.get_configurable(train.LoopConfig)().train_steps == 7
-    assert gin.get_configurable(train.DataConfig)().batch_size == 4
+    assert gin.get_configurable(run_config.LoopConfig)().train_steps == 7
+    assert gin.get_configurable(run_config.DataConfig)().batch_size == 4
     gin.clear_config()
 
 
@@ -100,7 +113,7 @@ def registered_name(files: list[str], bindings: list[str]) -> str:
     """The MIXTURE_OR_TASK_NAME these gin files give, registering it as training would."""
     launch.parse_gin(files, bindings)
     try:
-        return gin.get_configurable(train.DataConfig)().mixture_or_task_name
+        return gin.get_configurable(run_config.DataConfig)().mixture_or_task_name
     finally:
         gin.clear_config()
 

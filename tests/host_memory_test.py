@@ -10,17 +10,18 @@ import pytest
 
 from t5x_lite import host_memory
 
-# Page faults of each of 10 t5_1_1_tiny train steps at batch 4 x 256/64, in a new process that
+# Page faults of each of 16 t5_1_1_tiny train steps at batch 4 x 256/64, in a new process that
 # imports scripts/benchmark.py, which sets malloc up as the entry points do (startup.begin)
 # before JAX creates its CPU client.
 _STEP_FAULTS = textwrap.dedent("""
     import json, resource, sys
     sys.path.insert(0, "scripts")
-    import benchmark
+    import benchmark  # noqa: F401  (malloc set up)
     import jax
-    trainer, state, step, batch = benchmark.train_setup("t5_1_1_tiny", 4, 256, 64, "adamw")
+    from bench import presets
+    trainer, state, step, batch = presets.train_setup("t5_1_1_tiny", 4, 256, 64, "adamw")
     faults = []
-    for _ in range(10):
+    for _ in range(16):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, _ = step(state, batch)
         jax.block_until_ready(state)
@@ -43,9 +44,10 @@ def step_faults(**environment) -> list[int]:
 def test_train_steps_reuse_freed_pages():
     # glibc as configured by default maps the step's 160 MB of temporaries anew each step:
     # about 40,000 faults of 4 KiB pages. Reused, steps fault in (almost) nothing, but for
-    # the one that starts before its predecessor has freed its block and so gets another.
-    assert min(step_faults(**{host_memory.OPT_OUT_VARIABLE: "1"})[-6:]) > 10_000
-    assert sum(faults < 500 for faults in step_faults()[-6:]) >= 4
+    # the one that starts before its predecessor has freed its block and so gets another
+    # (on a busy machine, up to half of them).
+    assert min(step_faults(**{host_memory.OPT_OUT_VARIABLE: "1"})[-10:]) > 10_000
+    assert sum(faults < 500 for faults in step_faults()[-10:]) >= 5
 
 
 @pytest.mark.parametrize("variable, value", [(host_memory.OPT_OUT_VARIABLE, "1"),

@@ -9,7 +9,7 @@ import gin
 import numpy as np
 import pytest
 
-from t5x_lite import eval as eval_lib
+from t5x_lite import warm_start
 from t5x_lite import infer
 from t5x_lite import launch
 from t5x_lite import models
@@ -60,8 +60,10 @@ def test_file_predictions_equal_predict_batch(trained_dir, tmp_path, method, opt
         config = gin.get_configurable(models.T5Config)()
     finally:
         gin.clear_config()
-    mesh = partitioning.create_mesh(partitioning.MeshConfig())
-    model, _, params = eval_lib.restore_model(config, str(trained_dir), mesh)
+    mesh_config = partitioning.MeshConfig()
+    mesh = partitioning.create_mesh(mesh_config)
+    model, _, params = warm_start.restore_model(config, str(trained_dir), mesh,
+                                                mesh_config.rules)
     vocabulary = vocab.byte_vocabulary()
     tokens = np.zeros((8, 32), np.int32)
     for row, text in enumerate(INPUTS):
@@ -84,7 +86,8 @@ def test_task_split_predictions_carry_targets(trained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bindings, message", [
-    (["DECODE_METHOD = 'nucleus'"], "unknown decoding method 'nucleus'"),
+    (["DECODE_METHOD = 'nucleus'"],
+     r"DECODE_METHOD\) must be one of 'greedy', 'beam', 'sample', got 'nucleus'"),
     (["DECODE_METHOD = 'beam'", "DECODE_OPTIONS = {'beam_size': 0}"], "beam_size must be >= 1"),
     (["DECODE_METHOD = 'sample'", "DECODE_OPTIONS = {'top_p': 1.5}"],
      r"top_p must be in \(0, 1\]"),

@@ -26,7 +26,7 @@ def test_each_platform_resolves_to_its_kernels():
             cpu.cross_entropy, cpu.precision) == (
         kernels.Attention.EINSUM, kernels.Embedding.GATHER, ops.project, ops.add_position_bias,
         ops.softmax_cross_entropy, jax.lax.Precision.HIGHEST)
-    gpu = kernels.resolve("cuda", "auto", jnp.bfloat16, 64, 0.0)
+    gpu = kernels.resolve("gpu", "auto", jnp.bfloat16, 64, 0.0)
     assert (gpu.platform, gpu.attention, gpu.embedding, gpu.project, gpu.cross_entropy,
             gpu.precision, gpu.note) == (
         kernels.Platform.GPU, kernels.Attention.CUDNN, kernels.Embedding.GATHER,
@@ -137,9 +137,11 @@ def test_a_model_on_each_platforms_kernels_equals_the_cpus(platform, attention, 
     params = models.EncoderDecoderModel(cpu_config).init(jax.random.key(0))
     want_loss, want = loss_and_gradients(cpu_config, params, batch)
     config = dataclasses.replace(CONFIG, kernel_platform=platform, attention=attention)
-    mesh = partitioning.create_mesh(partitioning.MeshConfig())
+    mesh_config = partitioning.MeshConfig()
+    mesh = partitioning.create_mesh(mesh_config)
     with pltpu.force_tpu_interpret_mode(), (
-            trainer_lib.mesh_context(mesh) if in_mesh else contextlib.nullcontext()):
+            trainer_lib.mesh_context(mesh, mesh_config.rules) if in_mesh
+            else contextlib.nullcontext()):
         got_loss, got = loss_and_gradients(config, params, batch)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for (path, want_leaf), got_leaf in zip(jax.tree_util.tree_leaves_with_path(want),

@@ -17,9 +17,8 @@ CONFIG = models.T5Config(vocab_size=64, d_model=32, num_heads=2, head_dim=8, d_f
                          num_encoder_layers=3, num_decoder_layers=2,
                          relative_attention_num_buckets=8, relative_attention_max_distance=16)
 STACKS = {"encoder": CONFIG.num_encoder_layers, "decoder": CONFIG.num_decoder_layers}
-# The rule table with the stacked-layers axis replicated, whether or not partitioning.py has it.
-RULES = tuple(rule for rule in partitioning.LOGICAL_AXIS_RULES if rule[0] != "layers") + (
-    ("layers", None),)
+# The default rule table with the stacked-layers axis replicated, whatever its rule there.
+RULES = partitioning.MeshConfig(rule_overrides={"layers": None}).rules
 
 
 def packed_batch() -> models.Batch:

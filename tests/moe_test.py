@@ -25,6 +25,7 @@ from t5x_lite import optimizers
 from t5x_lite import partitioning
 from t5x_lite import train
 from t5x_lite import trainer as trainer_lib
+from t5x_lite import warm_start
 from tests import partitioning_test
 from tests import trainer_test
 
@@ -81,7 +82,7 @@ def loop_reference(params, x, valid, config: moe.MoeConfig) -> np.ndarray:
     capacity = config.expert_capacity(tokens, deterministic=True)
     out = np.zeros_like(x64)
     for g in range(groups):
-        if config.router == "experts_choose":
+        if config.router is moe.Router.EXPERTS_CHOOSE:
             for e in range(config.num_experts):
                 ranked = [s for s in np.argsort(-probs[g, :, e], kind="stable") if valid[g, s]]
                 for s in ranked[:min(capacity, tokens)]:
@@ -134,7 +135,7 @@ def test_experts_equal_to_one_mlp_give_that_mlp_times_the_routing_weight(num_sel
     dense_params = nn.unbox(dense.init(jax.random.key(1), jnp.asarray(x), True)["params"])
     dense_out = np.asarray(dense.apply({"params": dense_params}, jnp.asarray(x), True))
     params, _, _ = apply_sparse(config, x, valid)
-    params = moe.upcycle(params, dense_params)
+    params = warm_start.upcycle(params, dense_params)
     _, output, metrics = apply_sparse(config, x, valid, params)
     assert float(metrics["dropped_fraction"]) == 0.0
     logits = x.astype(np.float64) @ np.asarray(params["router"]["kernel"], np.float64)
@@ -154,7 +155,7 @@ def test_no_expert_exceeds_capacity_and_padding_is_never_routed(routing):
     probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 20, 4)) * 3, jnp.float32))
     valid = jnp.asarray(rng.random((3, 20)) > 0.2)
     config = moe.MoeConfig(num_experts=4, **ROUTINGS[routing])
-    if config.router == "tokens_choose":
+    if config.router is moe.Router.TOKENS_CHOOSE:
         dispatch, combine = moe.tokens_choose(probs, valid, config.num_selected, 3,
                                               config.batch_prioritized_routing)
     else:
@@ -293,7 +294,7 @@ def test_upcycled_model_starts_with_the_dense_model_loss(tmp_path):
                              capacity_factor_eval=4, load_balancing_loss_weight=0.0,
                              router_z_loss_weight=0.0)})
     sparse = moe_trainer(config)
-    state = train.upcycled_state(sparse, str(tmp_path), seed=1)
+    state = warm_start.upcycled_state(sparse, str(tmp_path), seed=1)
     assert int(state.step) == 0
     kernel = state.params["encoder_layer_1"]["mlp"]["experts"]["wo"]["kernel"]
     dense_kernel = dense_state.params["encoder_layer_1"]["mlp"]["wo"]["kernel"]

@@ -41,7 +41,7 @@ DRIVER = textwrap.dedent("""
     import gin, jax, numpy as np
     jax.config.update("jax_numpy_rank_promotion", "raise")
     from jax.experimental import multihost_utils
-    from t5x_lite import eval as eval_lib, launch, models, partitioning, trainer
+    from t5x_lite import launch, models, partitioning, trainer, warm_start
 
     def digest(batch):  # Of the global arrays, gathered from every process.
         hasher = hashlib.sha1()
@@ -70,9 +70,11 @@ DRIVER = textwrap.dedent("""
         return compile
 
     def save_params(model_dir, devices, path):
-        mesh = partitioning.create_mesh(partitioning.MeshConfig(), devices)
+        mesh_config = partitioning.MeshConfig()
+        mesh = partitioning.create_mesh(mesh_config, devices)
         model_config = gin.get_configurable(models.T5Config)()
-        _, step, params = eval_lib.restore_model(model_config, model_dir, mesh)
+        _, step, params = warm_start.restore_model(model_config, model_dir, mesh,
+                                                   mesh_config.rules)
         assert step == int(sys.argv[3]), step
         np.savez(path, **{jax.tree_util.keystr(key): np.asarray(leaf) for key, leaf
                           in jax.tree_util.tree_leaves_with_path(params)})

@@ -22,8 +22,8 @@ POISONED_STEP = 7  # The 7th training batch of an uninterrupted run carries the 
 def poisoned(monkeypatch, task_name):  # noqa: F811
     """Makes the loss and every gradient NaN on one batch: the POISONED_STEP-th training
     batch (recognised by its tokens), wherever in the run it arrives."""
-    from t5x_lite import train
-    data = train.DataConfig(task_name, {"inputs": 32, "targets": 8}, 8).for_training()
+    from t5x_lite import run_config
+    data = run_config.DataConfig(task_name, {"inputs": 32, "targets": 8}, 8).for_training()
     batches = data.batches("train", partitioning.create_mesh(partitioning.MeshConfig()),
                            shuffle=True, seed=0, repeat=True)
     for _ in range(POISONED_STEP):
@@ -62,7 +62,7 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, poison
 
 
 def test_skip_leaves_the_parameters_and_counts_the_step(tmp_path, poisoned):
-    run(tmp_path, 10, "t5x_lite.train.LoopConfig.nan_policy = 'skip'")
+    run(tmp_path, 10, "t5x_lite.run_config.LoopConfig.nan_policy = 'skip'")
     rows = train_test.metric_rows(tmp_path, "train")
     assert [(row["step"], row["skipped_steps"]) for row in rows] == [(5, 0), (10, 1)]
     assert all(np.isfinite(row["loss"]) for row in rows)
@@ -71,7 +71,7 @@ def test_skip_leaves_the_parameters_and_counts_the_step(tmp_path, poisoned):
 
 
 def test_rollback_returns_to_the_checkpoint_and_goes_on(tmp_path, poisoned, capsys):
-    run(tmp_path, 12, "t5x_lite.train.LoopConfig.nan_policy = 'rollback'")
+    run(tmp_path, 12, "t5x_lite.run_config.LoopConfig.nan_policy = 'rollback'")
     out = capsys.readouterr().out
     assert (f"Step {POISONED_STEP} had a non-finite loss or gradient norm: rolled back to the "
             "checkpoint at step 5, going on with the next batches.") in out

@@ -159,7 +159,11 @@ def test_adafactor_factored_moments_follow_their_parameter():
     (dict(data=3), "mesh \\(data=3, fsdp=1, tensor=1, expert=1\\) needs 3 devices, but 1 are "
                    "available"),
     (dict(data=-1, fsdp=-1), "at most one -1"),
-    (dict(rules=[("batch", "pipeline")]), "names unknown mesh axis 'pipeline'"),
+    (dict(rule_overrides={"batch": "pipeline"}), "names unknown mesh axis 'pipeline'"),
+    (dict(rule_table="zero3"), "^partitioning.MeshConfig.rule_table must be one of 'data', "
+                               "'fsdp', 'fsdp_tensor', 'expert', got 'zero3'$"),
+    (dict(rule_overrides={"vocabs": None}), "logical axis 'vocabs' has no rule to override; "
+                                            "logical axes are batch, length, embed, "),
     (dict(dcn_data=2), "1 devices do not split into dcn_data = 2 slices"),
 ])
 def test_bad_mesh_is_one_line(config, message):
@@ -180,9 +184,23 @@ def test_dcn_slices_must_match_the_processes():
 
 
 def test_logical_axis_without_a_rule_is_named():
-    rules = tuple(rule for rule in partitioning.LOGICAL_AXIS_RULES if rule[0] != "mlp")
+    rules = tuple(rule for rule in partitioning.MeshConfig().rules if rule[0] != "mlp")
+    mesh = partitioning.create_mesh(partitioning.MeshConfig(), jax.devices()[:1])
     with pytest.raises(ValueError, match="logical axis 'mlp' has no partitioning rule"):
-        make_trainer(partitioning.MeshConfig(rules=rules), jax.devices()[:1]).state_shardings
+        trainer_lib.param_shardings(models.EncoderDecoderModel(trainer_test.CONFIG), mesh, rules)
+
+
+def test_rule_overrides_replace_single_rules_of_the_selected_table():
+    config = partitioning.MeshConfig(rule_table="fsdp",
+                                     rule_overrides={"vocab": "tensor", "batch": ["data"]})
+    assert config.rule_table is partitioning.RuleTable.FSDP
+    table = dict(partitioning.RULE_TABLES[partitioning.RuleTable.FSDP])
+    assert dict(config.rules) == {**table, "vocab": "tensor", "batch": ("data",)}
+    assert [logical for logical, _ in config.rules] == list(table)
+
+
+def test_runs_without_a_partitioning_file_get_the_fsdp_tensor_table():
+    assert partitioning.MeshConfig().rules == mesh_config("fsdp_tensor").rules
 
 
 def test_parameter_table_shows_logical_and_mesh_axes_and_bytes_per_device():

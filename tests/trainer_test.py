@@ -19,9 +19,11 @@ CONFIG = models.T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_f
 
 def make_trainer(devices) -> trainer_lib.Trainer:
     schedule = optimizers.rsqrt_schedule(warmup_steps=10)
-    mesh = partitioning.create_mesh(partitioning.MeshConfig(), devices)
+    mesh_config = partitioning.MeshConfig()
     return trainer_lib.Trainer(models.EncoderDecoderModel(CONFIG),
-                               optimizers.adafactor(schedule), schedule, mesh)
+                               optimizers.adafactor(schedule), schedule,
+                               partitioning.create_mesh(mesh_config, devices),
+                               rules=mesh_config.rules)
 
 
 def random_batch(seed: int, batch_size: int = 8) -> dict[str, np.ndarray]:

@@ -132,11 +132,19 @@ class ShardedBatches:
             self._exhausted.add(name)
         return self._zeros[name]
 
+    def zeros(self) -> dict[str, np.ndarray]:
+        """This host's rows of a batch, all zero (zero loss weight): what it feeds to a step
+        every host must join after its own shards have run out."""
+        return self._concatenated(list(self._zeros.values()))
+
+    def _concatenated(self, rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {key: np.concatenate([shard[key] for shard in rows]) for key in rows[0]}
+
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_rows(name) for name in self._iterators]
         if len(self._exhausted) == len(self._iterators):
             raise StopIteration
-        return {key: np.concatenate([shard[key] for shard in rows]) for key in rows[0]}
+        return self._concatenated(rows)
 
     def state(self) -> dict[str, dict[str, bytes]]:
         return {name: _iterator_state(iterator) for name, iterator in self._iterators.items()}

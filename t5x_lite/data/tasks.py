@@ -160,6 +160,11 @@ def register_mixture(name: str, tasks_and_rates) -> str:
     return name
 
 
+def targets_vocabulary(name: str) -> seqio.Vocabulary:
+    """The vocabulary that the task or mixture `name` tokenizes its targets with."""
+    return get_task_or_mixture(name).output_features["targets"].vocabulary
+
+
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     """The registered task or mixture `name`; ValueError naming the closest ones if none."""
     if name in seqio.MixtureRegistry.names():

@@ -1,0 +1,244 @@
+"""Where a training run's state comes from, chosen once at its start: the newest checkpoint
+in MODEL_DIR with its input position (resume); else the parameters of another run or a Hugging
+Face directory (fine-tuning, INIT_FROM); else a dense run's parameters copied into every expert
+(sparse upcycling, UPCYCLE_FROM); else a fresh initialisation. Also the newest parameters that
+evaluation and inference restore."""
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite import checkpoints
+from t5x_lite import hf
+from t5x_lite import models
+from t5x_lite import optimizers
+from t5x_lite import partitioning
+from t5x_lite import run_config
+from t5x_lite import trainer as trainer_lib
+from t5x_lite.data import pipeline
+
+
+def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
+                    upcycle_from: str | None = None, init_from: str | None = None,
+                    input_shards: Sequence[str] = ()
+                    ) -> tuple[trainer_lib.TrainState, dict | None]:
+    """The newest checkpoint in MODEL_DIR with the saved positions of `input_shards` (None
+    when it lacks any of them); else step 0 from the parameters of `init_from`'s newest
+    checkpoint, or upcycled from `upcycle_from`'s; else a fresh initialisation (no input
+    position: the pipeline starts at the beginning)."""
+    for name in checkpoints.incomplete_checkpoints(manager):
+        run_config.say(f"Skipping {name} in {manager.directory}: an interrupted save, never complete "
+            "(left in place).")
+    restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state(),
+                                          input_shards)
+    if restored is not None:
+        run_config.say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
+        return restored
+    if init_from:
+        return pretrained_state(trainer, init_from), None
+    if upcycle_from:
+        return upcycled_state(trainer, upcycle_from, seed), None
+    return trainer.init_state(seed), None
+
+
+def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_lib.TrainState:
+    """Step 0 with the parameters of the newest checkpoint in `model_dir` (a MODEL_DIR, or a
+    Hugging Face T5 directory, of this architecture) and a fresh optimizer state: the start
+    of a fine-tuning run."""
+    if os.path.isfile(os.path.join(model_dir, hf.CONFIG_FILE)):
+        return hf_state(trainer, model_dir)
+    manager = checkpoints.create_manager(model_dir, read_only=True)
+    try:
+        step, params = checkpoints.restore_params(manager,
+                                                  trainer.sharded_abstract_state().params)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"INIT_FROM {model_dir!r} holds no checkpoint: point it at the "
+                                "MODEL_DIR of the pretraining run") from None
+    run_config.say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
+        "fresh optimizer state, step 0.")
+    return trainer.state_from_params(params)
+
+
+# T5Config fields that change what the parameters compute; the rest (dropout, dtype, remat,
+# z-loss) are the fine-tuning run's own choice.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+                       "num_encoder_layers", "num_decoder_layers", "activation", "gated_mlp",
+                       "tie_embeddings", "relative_attention_num_buckets",
+                       "relative_attention_max_distance", "layer_norm_epsilon")
+
+
+def hf_state(trainer: trainer_lib.Trainer, hf_dir: str) -> trainer_lib.TrainState:
+    """Step 0 with the parameters of a Hugging Face T5 directory, sharded like the trainer's."""
+    hf_model, params = hf.load_t5(hf_dir)
+    ours = trainer.model.config
+    for field in ARCHITECTURE_FIELDS:
+        theirs, mine = getattr(hf_model.config, field), getattr(ours, field)
+        if field == "activation":
+            theirs, mine = hf.activation_name(theirs), hf.activation_name(mine)
+        if theirs != mine:
+            raise ValueError(f"INIT_FROM {hf_dir!r} has {field} = {theirs}, the gin model "
+                             f"{mine}: bind models.T5Config.{field} = {theirs} (or use the "
+                             f"matching gin/models/ preset)")
+    if ours.scan_layers or ours.moe is not None:
+        raise ValueError("a Hugging Face T5 has separate dense layers: fine-tune it with "
+                         "models.T5Config.scan_layers = False and moe = None")
+    params = jax.device_put(params, trainer.state_shardings.params)
+    run_config.say(f"Initialised from the Hugging Face T5 in {hf_dir}: parameters only, fresh optimizer "
+        "state, step 0.")
+    return trainer.state_from_params(params)
+
+
+def check_upcycling(model_config: models.T5Config, upcycle_from: str | None) -> None:
+    if not upcycle_from:
+        return
+    if model_config.moe is None:
+        raise ValueError("upcycle_from needs an MoE model: bind models.T5Config.moe (e.g. "
+                         "include gin/models/switch_tiny.gin)")
+    if model_config.moe.extra_dense_mlp:
+        raise ValueError("upcycling copies each dense MLP into the experts, but "
+                         "moe.MoeConfig.extra_dense_mlp adds MLPs the dense model lacks: set "
+                         "it to False")
+    try:
+        checkpoints.latest_step(checkpoints.create_manager(upcycle_from, read_only=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"UPCYCLE_FROM {upcycle_from!r} holds no checkpoint: point it "
+                                "at the MODEL_DIR of a dense run that has saved one") from None
+
+
+def upcycled_state(trainer: trainer_lib.Trainer, dense_model_dir: str, seed: int
+                   ) -> trainer_lib.TrainState:
+    """Step 0 of an MoE run whose parameters are the dense run's newest checkpoint, every
+    expert a copy of its layer's dense MLP and routers freshly initialised (upcycle),
+    with a fresh optimizer state. The dense parameters are restored into shards."""
+    manager = checkpoints.create_manager(dense_model_dir, read_only=True)
+    step, metadata = checkpoints.params_metadata(manager)
+    param_shardings = trainer.state_shardings.params
+    shardings = dense_shardings(param_shardings)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=shardings.get(
+                optimizers.parameter_path(path), partitioning.replicated(trainer.mesh))), metadata)
+    _, dense_params = checkpoints.restore_params(manager, abstract)
+    with trainer_lib.mesh_context(trainer.mesh, trainer.rules):
+        # The same router initialisation as a fresh MoE run with this seed.
+        fresh_params = jax.jit(trainer.model.init, out_shardings=param_shardings)(
+            jax.random.key(seed))
+        params = jax.jit(upcycle, out_shardings=param_shardings)(fresh_params, dense_params)
+    run_config.say(f"Upcycled from the dense checkpoint at step {step} in {dense_model_dir}: every "
+        "expert starts as its layer's dense MLP, routers fresh.")
+    return trainer.state_from_params(params)
+
+
+def train_batches(data: run_config.DataConfig, mesh, seed: int, start_step: int,
+                  input_position: dict | None, manager) -> pipeline.ShardedBatches:
+    """The training batches, from the saved position when the checkpoint has one for every
+    input shard this process reads, so a resumed run reads exactly what an uninterrupted one
+    would. A checkpoint saved for another shard count is an error naming the fix, unless
+    data.resume_without_input_position starts the stream anew."""
+    if input_position is not None or start_step == 0:
+        batches = data.batches("train", mesh, shuffle=True, seed=seed, repeat=True)
+        if input_position is not None:
+            batches.restore(input_position)
+        return batches
+    saved = checkpoints.saved_input_shards(manager, start_step)
+    if not saved:
+        # A checkpoint from before input positions were saved: fresh examples, not a replay.
+        run_config.say(f"The checkpoint at step {start_step} holds no input position: reading batches "
+            f"shuffled with seed {seed} + {start_step} instead.")
+    elif not data.resume_without_input_position:
+        saved_count = saved_shard_count(saved)
+        anew = ("RESUME_WITHOUT_INPUT_POSITION = True to resume its parameters and optimizer "
+                "state on a new input stream")
+        fix = (f"{plural(saved_count, 'input shard')}, this run reads NUM_INPUT_SHARDS = "
+               f"{data.num_input_shards}: bind NUM_INPUT_SHARDS = {saved_count} to resume "
+               f"exactly, or bind {anew}" if saved_count else
+               f"each process, as an earlier t5x_lite saved them ({', '.join(saved)}): "
+               f"bind {anew}")
+        raise ValueError(f"checkpoint {manager.directory}/{start_step} holds input positions "
+                         f"for {fix}")
+    else:
+        shards, saved_shards = (plural(count, "input shard")
+                                for count in (data.num_input_shards, len(saved)))
+        run_config.say(f"WARNING: resuming step {start_step}'s parameters and optimizer state on a NEW "
+            f"input stream (seed {seed} + {start_step}, {shards}), not the saved positions of "
+            f"{saved_shards}: the batches from here on differ from an uninterrupted run's "
+            "(RESUME_WITHOUT_INPUT_POSITION = True).")
+    return data.batches("train", mesh, shuffle=True, seed=seed + start_step, repeat=True)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def saved_shard_count(names: Sequence[str]) -> int | None:
+    """The shard count in saved position names (pipeline.shard_name); None for positions an
+    earlier t5x_lite saved per process."""
+    if all(name.startswith("shard_") for name in names):
+        return int(names[0].rpartition("-of-")[2])
+    return None
+
+
+def restore_model(model_config: models.T5Config, model_dir: str, mesh,
+                  rules: tuple) -> tuple[models.EncoderDecoderModel, int, object]:
+    """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
+    model = models.EncoderDecoderModel(model_config)
+    shardings = trainer_lib.param_shardings(model, mesh, rules)
+    abstract = partitioning.with_shardings(jax.eval_shape(model.init, jax.random.key(0)),
+                                           shardings)
+    if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
+        raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: train first "
+                                "(python -m t5x_lite.train with the same gin files)")
+    manager = checkpoints.create_manager(model_dir, read_only=True)
+    step, params = checkpoints.restore_params(manager, abstract)
+    return model, step, params
+
+
+def upcycle(moe_params, dense_params):
+    """MoE parameters from a dense model's (sparse upcycling, Komatsuzaki et al. 2023): every
+    expert kernel is a copy of the dense MLP kernel at the same path without "experts";
+    routers keep their fresh initialisation; everything else is copied. Works on
+    ShapeDtypeStructs too (for shapes only). Raises ValueError naming the first parameter
+    the dense tree cannot supply."""
+    dense = {optimizers.parameter_path(path): leaf
+             for path, leaf in jax.tree_util.tree_leaves_with_path(dense_params)}
+
+    def take(path, moe_leaf):
+        keys = [getattr(key, "key", key) for key in path]
+        if "router" in keys:
+            return moe_leaf
+        source_keys = [key for key in keys if key != "experts"]
+        name = "/".join(source_keys)
+        if name not in dense:
+            raise ValueError(f"the dense checkpoint has no parameter {name} for MoE parameter "
+                             f"{'/'.join(keys)}: upcycle from a checkpoint of the same dense "
+                             "architecture")
+        source = dense[name]
+        expected = moe_leaf.shape[1:] if "experts" in keys else moe_leaf.shape
+        if tuple(source.shape) != tuple(expected):
+            raise ValueError(f"dense parameter {name} has shape {tuple(source.shape)}, but "
+                             f"{'/'.join(keys)} needs {tuple(expected)}: upcycle from a "
+                             "checkpoint of the same dense architecture")
+        if "experts" in keys:
+            return jnp.broadcast_to(jnp.asarray(source, moe_leaf.dtype)[None], moe_leaf.shape)
+        return jnp.asarray(source, moe_leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, moe_params)
+
+
+def dense_shardings(moe_shardings) -> dict:
+    """{a dense parameter's path (optimizers.parameter_path): its sharding} for the dense
+    parameters `upcycle` reads, from the MoE parameters' NamedShardings (an expert kernel's minus the expert
+    dimension), so a dense checkpoint can be restored straight into matching shards."""
+    found = {}
+    for path, sharding in jax.tree_util.tree_leaves_with_path(moe_shardings):
+        keys = [getattr(key, "key", key) for key in path]
+        if "router" in keys:
+            continue
+        spec = tuple(sharding.spec)
+        if "experts" in keys:
+            keys, spec = [key for key in keys if key != "experts"], spec[1:]
+        name = "/".join(keys)
+        found[name] = jax.sharding.NamedSharding(sharding.mesh,
+                                                 jax.sharding.PartitionSpec(*spec))
+    return found
