@@ -233,11 +233,12 @@ def _best_hypotheses(state: dict, alpha: float) -> tuple[jax.Array, jax.Array]:
     return tokens_BN, scores_B
 
 
-def decode(method: Method, step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
+def decode(method: Method | str, step_fn: StepFn, cache, batch_size: int, max_decode_length: int,
            eos_id: int, options: DecodeOptions, cache_batch_axis: int = 0
            ) -> tuple[jax.Array, jax.Array]:
     """Dispatches to the method; for "beam", `cache` and step_fn work on B * beam_size rows
     (on axis `cache_batch_axis` of the cache's arrays)."""
+    method = parse_method(method)
     if method is Method.BEAM:
         return beam_search(step_fn, cache, batch_size, max_decode_length, eos_id, options,
                            cache_batch_axis)

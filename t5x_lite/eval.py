@@ -27,6 +27,8 @@ from t5x_lite import warm_start  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
 
+say = run_config.say
+
 
 # t5x_lite.eval's metrics.jsonl and TensorBoard files, under MODEL_DIR.
 EVAL_DIR = "eval"
@@ -53,44 +55,32 @@ def infillings(model: models.EncoderDecoderModel, params, data: run_config.DataC
              vocab.show_ids(vocabulary, local["decoder_target_tokens"][i])) for i in rows]
 
 
-def task_metrics(model: models.EncoderDecoderModel, params, data: run_config.DataConfig,
-                 mesh, rules, step: int, max_examples: int | None,
-                 decode: evaluation.DecodeSettings) -> dict[str, float]:
-    """The task's metrics (BLEU, ROUGE, ...) on predictions for its validation split."""
-    metrics = evaluation.TaskMetrics(data.mixture_or_task_name, "validation",
-                                     dict(data.task_feature_lengths), data.batch_size,
-                                     max_examples)
-    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
-    predict = evaluation.predictor(model, mesh, rules, metrics.decode_length,
-                                   vocabulary.eos_id, decode)
-    return metrics(predict, params, step)
-
-
 def run(model_config: models.T5Config = gin.REQUIRED,
-        data: run_config.DataConfig = gin.REQUIRED, model_dir: str = gin.REQUIRED, eval_steps: int | None = None, num_infillings: int = 3,
+        data: run_config.DataConfig = gin.REQUIRED, model_dir: str = gin.REQUIRED,
+        eval_steps: int | None = None, num_infillings: int = 3,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig(),
         metrics_examples: int | None = None,
         decode: evaluation.DecodeSettings = evaluation.DecodeSettings()) -> dict[str, float]:
     """Validation loss and token accuracy; for a task with metric functions also its metrics
     on `metrics_examples` decoded validation examples (None: all of them)."""
-    mesh = trainer_lib.model_mesh(model_config, mesh_config)
+    restored = warm_start.restore_run(model_config, data, model_dir, mesh_config)
+    model, mesh, step, params, data = (restored.model, restored.mesh, restored.step,
+                                       restored.params, restored.data)
     rules = mesh_config.rules
-    model, step, params = warm_start.restore_model(model_config, model_dir, mesh, rules)
-    data = data.as_trained(model_dir)
-    # After the restore, so a missing checkpoint is reported before any vocabulary training.
-    run_config.check_vocabulary(model_config, data)
     eval_step = trainer_lib.compile_eval_step(
         model, mesh, trainer_lib.param_shardings(model, mesh, rules), rules)
     scores = run_config.validation_scores(eval_step, params, data, mesh, eval_steps)
-    run_config.say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
-              f"token accuracy {scores['accuracy']:.4f}  "
-              f"({scores['target_tokens']:,.0f} target tokens)")
+    say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
+        f"token accuracy {scores['accuracy']:.4f}  "
+        f"({scores['target_tokens']:,.0f} target tokens)")
     for line in metrics_io.format_moe_lines(scores):
-        run_config.say(line)
+        say(line)
     supervised = evaluation.has_metrics(data.mixture_or_task_name)
     if supervised:
-        values = task_metrics(model, params, data, mesh, rules, step, metrics_examples, decode)
-        run_config.say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
+        values = evaluation.validation_metrics(
+            model, mesh, rules, data.mixture_or_task_name, data.task_feature_lengths,
+            data.batch_size, metrics_examples, decode)(params, step)
+        say(f"Checkpoint step {step}: {metrics_io.format_task_metrics(values)}")
         scores.update(values)
     # Apart from the training run's rows, which already hold its own evaluations.
     metrics_io.MetricsWriter(os.path.join(model_dir, EVAL_DIR)).write(step, scores,
@@ -100,8 +90,8 @@ def run(model_config: models.T5Config = gin.REQUIRED,
     for index, (masked, predicted, truth) in enumerate(
             infillings(model, params, data, mesh, rules, num_infillings)):
         # Outputs are short: one line each, newlines escaped, to compare by eye.
-        run_config.say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
-                  f"{headings[2]}: {predicted!r}\n{headings[3]}: {truth!r}")
+        say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
+            f"{headings[2]}: {predicted!r}\n{headings[3]}: {truth!r}")
     return scores
 
 

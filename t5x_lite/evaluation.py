@@ -80,6 +80,19 @@ def padded_batches(items: Iterator[Item], batch_size: int, length: int,
         yield group, tokens
 
 
+def validation_metrics(model: models.EncoderDecoderModel, mesh, rules, task_name: str,
+                       task_feature_lengths: dict[str, int], batch_size: int,
+                       max_examples: int | None, decode: DecodeSettings = DecodeSettings()
+                       ) -> Callable[..., dict[str, float]]:
+    """score(params, step): the task's metrics (BLEU, ROUGE, ...) on its validation split
+    decoded on the mesh with `decode`; the examples are read once, here."""
+    metrics = TaskMetrics(task_name, "validation", dict(task_feature_lengths), batch_size,
+                          max_examples)
+    predict = predictor(model, mesh, rules, metrics.decode_length,
+                        tasks.targets_vocabulary(task_name).eos_id, decode)
+    return lambda params, step: metrics(predict, params, step)
+
+
 def has_metrics(task_name: str) -> bool:
     """Whether any task of `task_name` (a task or mixture) has metric functions."""
     return any(task.metric_objs for task in seqio.get_subtasks(

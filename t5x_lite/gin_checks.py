@@ -24,6 +24,16 @@ REQUIRED_EXAMPLES = {
 }
 
 
+# Names that moved, as a config.gin written before the move (or an old command line) binds
+# them: the binding to write instead.
+MOVED = {
+    "t5x_lite.train.DataConfig": "run_config.DataConfig (from t5x_lite import run_config)",
+    "t5x_lite.train.LoopConfig": "run_config.LoopConfig (from t5x_lite import run_config)",
+    "partitioning.MeshConfig.rules": "partitioning.MeshConfig.rule_table = 'data', 'fsdp', "
+                                     "'fsdp_tensor' or 'expert', plus rule_overrides",
+}
+
+
 class GinSlip(ValueError):
     """A configuration mistake, already phrased as the one line to print."""
 
@@ -85,14 +95,25 @@ def explain(error: Exception) -> str:
         selector, name = parameter.groups()
         target = _resolve(selector)
         known = inspect.signature(target).parameters if target is not None else ()
-        return f"{where}{selector} has no parameter {name!r}{closest(name, known)}"
+        return (f"{where}{selector} has no parameter {name!r}"
+                f"{_moved(f'{selector}.{name}') or closest(name, known)}")
     attribute = re.match(r"Couldn't resolve selector ([\w.]+); <module '([\w.]+)'.*has no "
                          r"attribute (\w+)", first)
     if attribute:
         selector, module, name = attribute.groups()
         public = [n for n in dir(sys.modules.get(module)) if not n.startswith("_")]
-        return f"{where}{selector}: {module} has no {name!r}{closest(name, public)}"
+        return (f"{where}{selector}: {module} has no {name!r}"
+                f"{_moved(selector) or closest(name, public)}")
     return f"bad gin configuration: {where}{first}"
+
+
+def _moved(selector: str) -> str:
+    """'; it moved: bind X' for a name in MOVED (matched by its last components), or ''."""
+    parts = selector.split(".")
+    for old, new in MOVED.items():
+        if len(parts) > 1 and old.split(".")[-len(parts):] == parts:
+            return f"; it moved: bind {new} (edit that line of an older config.gin)"
+    return ""
 
 
 def _location(text: str) -> str:

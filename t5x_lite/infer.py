@@ -28,11 +28,12 @@ from t5x_lite import launch  # noqa: E402
 from t5x_lite import models  # noqa: E402
 from t5x_lite import partitioning  # noqa: E402
 from t5x_lite import run_config  # noqa: E402
-from t5x_lite import trainer as trainer_lib  # noqa: E402
 from t5x_lite import warm_start  # noqa: E402
 from t5x_lite.data import pipeline  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
+
+say = run_config.say
 
 
 def read_inputs(path: str, input_field: str = "inputs") -> list[str]:
@@ -87,11 +88,9 @@ def run(model_config: models.T5Config = gin.REQUIRED,
     method = decoding.parse_method(method)
     options = decoding.DecodeOptions(**(decode_options or {}))
     texts = read_inputs(input_file, input_field) if input_file else None
-    mesh = trainer_lib.model_mesh(model_config, mesh_config)
-    model, step, params = warm_start.restore_model(model_config, model_dir, mesh,
-                                                   mesh_config.rules)
-    data = data.as_trained(model_dir)
-    run_config.check_vocabulary(model_config, data)
+    restored = warm_start.restore_run(model_config, data, model_dir, mesh_config)
+    model, mesh, step, params, data = (restored.model, restored.mesh, restored.step,
+                                       restored.params, restored.data)
     vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
     input_length = data.task_feature_lengths["inputs"]
     decode_length = max_decode_length or data.task_feature_lengths["targets"]
@@ -114,8 +113,8 @@ def run(model_config: models.T5Config = gin.REQUIRED,
             rows.append(record)
     if jax.process_index() == 0:
         _write_atomically(output_file, rows)
-    run_config.say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method.value}) "
-                   f"to {output_file}")
+    say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method.value}) "
+        f"to {output_file}")
     return len(rows)
 
 

@@ -88,7 +88,8 @@ class Kernels:
 
 
 def platform_of(name: str) -> Platform:
-    """The Platform of a JAX backend name ('cuda', 'rocm' and 'gpu' are GPUs)."""
+    """The Platform of a JAX backend name (jax.default_backend(): 'cuda' and 'rocm' are
+    GPUs)."""
     return Platform.GPU if name in ("cuda", "rocm") else Platform(name)
 
 

@@ -41,10 +41,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_flags(argv: list[str], description: str,
                 parser: argparse.ArgumentParser | None = None,
-                require_gin_file: bool = True) -> argparse.Namespace:
+                require_gin_file: bool = True, prog: str | None = None) -> argparse.Namespace:
     """Reads --gin_file (repeatable), --gin_bindings (repeatable) and --gin.NAME=VALUE, plus
-    the arguments `parser` already declares."""
-    parser = parser or ArgumentParser(description=description)
+    the arguments `parser` already declares. `prog` names the program in error lines."""
+    parser = parser or ArgumentParser(prog=prog, description=description)
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file to parse (repeatable; later files override earlier)")
     parser.add_argument("--gin_bindings", action="append", default=[],
@@ -183,7 +183,8 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
         gin.finalize()
     except ModuleNotFoundError as error:  # a gin file's `import my_tasks`
         # Gin re-raises the import's error without its `name`; the message still holds it.
-        missing = error.name or re.search(r"named '([\w.]+)'", str(error)).group(1)
+        named = re.search(r"named '([\w.]+)'", str(error))
+        missing = error.name or (named.group(1) if named else str(error))
         raise UsageError(f"gin files import {missing!r}, which is not on the Python path: "
                          "run from the directory holding it, or add it to PYTHONPATH") from error
     except Exception as error:  # Gin raises many types (tokenize errors, IOError, ...).
@@ -287,11 +288,11 @@ def main(run_name: str, description: str, argv: list[str] | None = None) -> None
     """
     quiet_library_logs()
     with bad_input_exits(argv) as argv:
-        args = parse_flags(argv, description)
+        module_name, function_name = run_name.rsplit(".", 1)
+        args = parse_flags(argv, description, prog=f"-m {module_name}")
         import_modules(args.module_import)
         parse_gin(args.gin_file, args.gin_bindings)
         start_distributed(args.distributed)
         initialize_backends()
-        module_name, function_name = run_name.rsplit(".", 1)
         run = getattr(importlib.import_module(module_name), function_name)
         gin.get_configurable(run)()

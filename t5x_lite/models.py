@@ -342,11 +342,11 @@ class EncoderDecoderModel:
         """Decodes targets for the batch's encoder inputs: the encoder runs once, the decoder
         one position at a time over a key/value cache.
 
-        `method` is a decoding.Method or its name ("greedy", "beam", "sample"); `options` are decoding.DecodeOptions
-        fields (beam_size, alpha, temperature, top_k, top_p, seed). Returns tokens int32
-        [B, max_decode_length] (no start token; 0 after EOS) and scores float32 [B]: the
-        summed log-probability of each sequence up to and including EOS (for beam search,
-        divided by the length penalty).
+        `method` is a decoding.Method or its name ("greedy", "beam", "sample"); `options` are
+        decoding.DecodeOptions fields (beam_size, alpha, temperature, top_k, top_p, seed).
+        Returns tokens int32 [B, max_decode_length] (no start token; 0 after EOS) and scores
+        float32 [B]: the summed log-probability of each sequence up to and including EOS
+        (for beam search, divided by the length penalty).
         """
         method = decoding.parse_method(method)
         try:

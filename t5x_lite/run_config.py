@@ -1,8 +1,8 @@
 """The run's configuration that the entry points share: which data at which lengths and batch
 size (DataConfig), how long and how often (LoopConfig, with the NaN policy), and the checks,
-console lines and MODEL_DIR files every entry point needs. Gin binds these classes
-(gin/runs/*.gin); train.py, eval.py, infer.py and precompile.py build them, none imports
-another."""
+console lines and validation loss every entry point needs. Gin binds these classes
+(gin/runs/*.gin); train.py, eval.py, infer.py and precompile.py build them, so that no entry
+point imports another."""
 import dataclasses
 import json
 import os
@@ -12,8 +12,6 @@ import jax
 
 from t5x_lite import choices
 from t5x_lite import faults
-from t5x_lite import gin_checks
-from t5x_lite import launch
 from t5x_lite import models
 from t5x_lite import partitioning
 from t5x_lite import trainer as trainer_lib
@@ -178,22 +176,6 @@ class LoopConfig:
             raise ValueError(f"eval_steps must be >= 1 or None, got {self.eval_steps}")
 
 
-def prepare_model_dir(model_dir: str) -> str:
-    """Creates MODEL_DIR and proves it writable before any work starts."""
-    model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-        # One probe per process: hosts sharing MODEL_DIR must not remove each other's.
-        probe = os.path.join(model_dir, f".write_test.{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise launch.UsageError(f"MODEL_DIR {model_dir!r} cannot be written ({error.strerror}):"
-                                " pass --gin.MODEL_DIR=\"'/a/writable/dir'\"") from error
-    return model_dir
-
-
 def say(line: str) -> None:
     """Prints a console line from process 0 only, so a multi-host run logs once."""
     if jax.process_index() == 0:
@@ -237,19 +219,3 @@ def check_batch_divides(data: DataConfig, mesh_config: partitioning.MeshConfig,
             f"BATCH_SIZE {data.batch_size} does not divide over data x fsdp x expert = "
             f"{batch_devices} devices x num_microbatches = {num_microbatches}: use a "
             f"multiple of {divisor}")
-
-
-def write_run_files(model_dir: str, data: DataConfig) -> None:
-    """MODEL_DIR/config.gin (every setting of the run, for eval, infer and convert_hf) and
-    data.json (the data settings that evaluation and inference default to), each written
-    whole or not at all."""
-    if jax.process_index() != 0:
-        return
-    for name, text in (("config.gin", gin_checks.config_text()),
-                       (RUN_DATA_FILE, json.dumps(data.run_settings(), indent=1) + "\n")):
-        path = os.path.join(model_dir, name)
-        with open(path + ".partial", "w") as f:
-            f.write(text)
-        os.replace(path + ".partial", path)
-
-

@@ -15,6 +15,7 @@ startup.begin(__name__, "before the first step, nothing was saved; rerun the sam
               "start (or resume)")
 
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -31,6 +32,7 @@ from t5x_lite import checkpoints  # noqa: E402
 from t5x_lite import evaluation  # noqa: E402
 from t5x_lite import faults  # noqa: E402
 from t5x_lite import flops  # noqa: E402
+from t5x_lite import gin_checks  # noqa: E402
 from t5x_lite import launch  # noqa: E402
 from t5x_lite import layers  # noqa: E402
 from t5x_lite import metrics_io  # noqa: E402
@@ -41,10 +43,10 @@ from t5x_lite import run_config  # noqa: E402
 from t5x_lite import trainer as trainer_lib  # noqa: E402
 from t5x_lite import warm_start  # noqa: E402
 from t5x_lite.data import pipeline  # noqa: E402
-from t5x_lite.data import tasks  # noqa: E402
 
 say = run_config.say
-NO_REMAT = layers.RematPolicy.NONE
+# The remat policies that lower a step's memory, as the out-of-memory line names them.
+REMAT_POLICIES = [policy for policy in layers.RematPolicy if policy is not layers.RematPolicy.NONE]
 Report = Callable[[trainer_lib.TrainState, Callable[[str], None]], None]
 
 
@@ -70,7 +72,7 @@ def run(model_config: models.T5Config = gin.REQUIRED,
         model_config, learning_rate, optimizer, mesh_config, loop.seed, num_microbatches,
         loop.max_consecutive_skips if loop.nan_policy is faults.NanPolicy.SKIP else None)
     input_shards = data.host_shard_names(trainer.mesh)
-    model_dir = run_config.prepare_model_dir(loop.model_dir)
+    model_dir = prepare_model_dir(loop.model_dir)
     run_config.check_vocabulary(model_config, data)
     if not data.has_split("validation"):
         say(f"Task {data.mixture_or_task_name!r} has no validation split: training without "
@@ -119,7 +121,8 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
     """Runs steps until loop.train_steps; after each, whatever is due at that step (what
     each of those does was chosen by setup: the reports, the NaN policy)."""
     writer, step = metrics_io.MetricsWriter(model_dir), int(state.step)
-    train_step, period = trainer.compile_train_step(), log_period(trainer, data, step)
+    train_step = trainer.compile_train_step()
+    period = throughput_period(trainer, data, step)
     reports = periodic_reports(trainer, data, loop, writer)
     check_finite = FiniteCheck(trainer, manager, loop)
     if step == 0:
@@ -134,7 +137,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
             if not run_files_written:
                 # Once a step has run: a run that never trained leaves no config behind.
                 jax.block_until_ready(metrics)
-                run_config.write_run_files(model_dir, data)
+                write_run_files(model_dir, data)
                 run_files_written = True
             period.add(step, metrics)
             progress.advance()
@@ -163,6 +166,37 @@ def train_loop(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, mana
         f"{checkpoints.checkpoint_dir(model_dir)}")
 
 
+def prepare_model_dir(model_dir: str) -> str:
+    """Creates MODEL_DIR and proves it writable before any work starts."""
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        # One probe per process: hosts sharing MODEL_DIR must not remove each other's.
+        probe = os.path.join(model_dir, f".write_test.{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise launch.UsageError(f"MODEL_DIR {model_dir!r} cannot be written ({error.strerror}):"
+                                " pass --gin.MODEL_DIR=\"'/a/writable/dir'\"") from error
+    return model_dir
+
+
+def write_run_files(model_dir: str, data: run_config.DataConfig) -> None:
+    """MODEL_DIR/config.gin (every setting of the run, for eval, infer and convert_hf) and
+    data.json (the data settings that evaluation and inference default to), each written
+    whole or not at all."""
+    if jax.process_index() != 0:
+        return
+    for name, text in (("config.gin", gin_checks.config_text()),
+                       (run_config.RUN_DATA_FILE,
+                        json.dumps(data.run_settings(), indent=1) + "\n")):
+        path = os.path.join(model_dir, name)
+        with open(path + ".partial", "w") as f:
+            f.write(text)
+        os.replace(path + ".partial", path)
+
+
 def due(step: int, every: int, also: bool = False) -> bool:
     """Whether something done every `every` steps (0: never) is due at `step`, or `also`."""
     return also or bool(every) and step % every == 0
@@ -178,7 +212,7 @@ def timed_step(train_step: Callable, state: trainer_lib.TrainState,
     return train_step(state, partitioning.global_batch(local_batch, mesh))
 
 
-def log_period(trainer: trainer_lib.Trainer, data: run_config.DataConfig, step: int
+def throughput_period(trainer: trainer_lib.Trainer, data: run_config.DataConfig, step: int
                ) -> metrics_io.LogPeriod:
     """Throughput bookkeeping from `step` on: tokens and model FLOPs per step, peak FLOPs."""
     lengths, devices = data.task_feature_lengths, trainer.mesh.devices.size
@@ -280,27 +314,25 @@ def eval_reporter(trainer: trainer_lib.Trainer, data: run_config.DataConfig,
     return report
 
 
-def task_metrics_reporter(trainer: trainer_lib.Trainer, data: run_config.DataConfig, loop: run_config.LoopConfig,
-                          writer: metrics_io.MetricsWriter) -> Report | None:
+def task_metrics_reporter(trainer: trainer_lib.Trainer, data: run_config.DataConfig,
+                          loop: run_config.LoopConfig, writer: metrics_io.MetricsWriter
+                          ) -> Report | None:
     """report(state, print_line): decodes the validation split greedily and writes and
     prints the task's metrics; None when metrics_period is 0 or the task has no metric
     functions. The examples are read once, here."""
     if not loop.metrics_period:
         return None
     if not evaluation.has_metrics(data.mixture_or_task_name):
-        say(f"METRICS_PERIOD is {loop.metrics_period}, but {data.mixture_or_task_name!r} has no "
-            "metric functions: only the validation loss is reported.")
+        say(f"METRICS_PERIOD is {loop.metrics_period}, but {data.mixture_or_task_name!r} has "
+            "no metric functions: only the validation loss is reported.")
         return None
-    task_metrics = evaluation.TaskMetrics(
-        data.mixture_or_task_name, "validation", dict(data.task_feature_lengths),
-        data.batch_size, loop.metrics_examples)
-    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
-    predict = evaluation.predictor(trainer.model, trainer.mesh, trainer.rules,
-                                   task_metrics.decode_length, vocabulary.eos_id)
+    score = evaluation.validation_metrics(
+        trainer.model, trainer.mesh, trainer.rules, data.mixture_or_task_name,
+        data.task_feature_lengths, data.batch_size, loop.metrics_examples)
 
     def report(state: trainer_lib.TrainState, print_line: Callable[[str], None]) -> None:
         step = int(state.step)
-        values = task_metrics(predict, state.params, step)
+        values = score(state.params, step)
         writer.write(step, values, "validation")
         print_line(f"step {step:>6d}  validation {metrics_io.format_task_metrics(values)}")
 
@@ -328,8 +360,7 @@ def out_of_memory_explained(data: run_config.DataConfig, num_microbatches: int,
             f"BATCH_SIZE ({data.batch_size}), raise t5x_lite.train.run.num_microbatches "
             f"({num_microbatches}; BATCH_SIZE must divide by it), set "
             f"models.T5Config.remat_policy (now {model_config.remat_policy.value!r}; "
-            f"{'/'.join(repr(p.value) for p in layers.RematPolicy if p is not NO_REMAT)})"
-            f"{fsdp}"
+            f"{'/'.join(repr(p.value) for p in REMAT_POLICIES)}){fsdp}"
         ) from error
 
 

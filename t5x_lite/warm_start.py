@@ -3,11 +3,13 @@ in MODEL_DIR with its input position (resume); else the parameters of another ru
 Face directory (fine-tuning, INIT_FROM); else a dense run's parameters copied into every expert
 (sparse upcycling, UPCYCLE_FROM); else a fresh initialisation. Also the newest parameters that
 evaluation and inference restore."""
+import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from t5x_lite import checkpoints
 from t5x_lite import hf
@@ -17,6 +19,8 @@ from t5x_lite import partitioning
 from t5x_lite import run_config
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.data import pipeline
+
+say = run_config.say
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
@@ -28,12 +32,12 @@ def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
     checkpoint, or upcycled from `upcycle_from`'s; else a fresh initialisation (no input
     position: the pipeline starts at the beginning)."""
     for name in checkpoints.incomplete_checkpoints(manager):
-        run_config.say(f"Skipping {name} in {manager.directory}: an interrupted save, never complete "
+        say(f"Skipping {name} in {manager.directory}: an interrupted save, never complete "
             "(left in place).")
     restored = checkpoints.restore_latest(manager, trainer.sharded_abstract_state(),
                                           input_shards)
     if restored is not None:
-        run_config.say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
+        say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
         return restored
     if init_from:
         return pretrained_state(trainer, init_from), None
@@ -55,7 +59,7 @@ def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_li
     except FileNotFoundError:
         raise FileNotFoundError(f"INIT_FROM {model_dir!r} holds no checkpoint: point it at the "
                                 "MODEL_DIR of the pretraining run") from None
-    run_config.say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
+    say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
         "fresh optimizer state, step 0.")
     return trainer.state_from_params(params)
 
@@ -84,7 +88,7 @@ def hf_state(trainer: trainer_lib.Trainer, hf_dir: str) -> trainer_lib.TrainStat
         raise ValueError("a Hugging Face T5 has separate dense layers: fine-tune it with "
                          "models.T5Config.scan_layers = False and moe = None")
     params = jax.device_put(params, trainer.state_shardings.params)
-    run_config.say(f"Initialised from the Hugging Face T5 in {hf_dir}: parameters only, fresh optimizer "
+    say(f"Initialised from the Hugging Face T5 in {hf_dir}: parameters only, fresh optimizer "
         "state, step 0.")
     return trainer.state_from_params(params)
 
@@ -125,7 +129,7 @@ def upcycled_state(trainer: trainer_lib.Trainer, dense_model_dir: str, seed: int
         fresh_params = jax.jit(trainer.model.init, out_shardings=param_shardings)(
             jax.random.key(seed))
         params = jax.jit(upcycle, out_shardings=param_shardings)(fresh_params, dense_params)
-    run_config.say(f"Upcycled from the dense checkpoint at step {step} in {dense_model_dir}: every "
+    say(f"Upcycled from the dense checkpoint at step {step} in {dense_model_dir}: every "
         "expert starts as its layer's dense MLP, routers fresh.")
     return trainer.state_from_params(params)
 
@@ -144,7 +148,7 @@ def train_batches(data: run_config.DataConfig, mesh, seed: int, start_step: int,
     saved = checkpoints.saved_input_shards(manager, start_step)
     if not saved:
         # A checkpoint from before input positions were saved: fresh examples, not a replay.
-        run_config.say(f"The checkpoint at step {start_step} holds no input position: reading batches "
+        say(f"The checkpoint at step {start_step} holds no input position: reading batches "
             f"shuffled with seed {seed} + {start_step} instead.")
     elif not data.resume_without_input_position:
         saved_count = saved_shard_count(saved)
@@ -160,7 +164,7 @@ def train_batches(data: run_config.DataConfig, mesh, seed: int, start_step: int,
     else:
         shards, saved_shards = (plural(count, "input shard")
                                 for count in (data.num_input_shards, len(saved)))
-        run_config.say(f"WARNING: resuming step {start_step}'s parameters and optimizer state on a NEW "
+        say(f"WARNING: resuming step {start_step}'s parameters and optimizer state on a NEW "
             f"input stream (seed {seed} + {start_step}, {shards}), not the saved positions of "
             f"{saved_shards}: the batches from here on differ from an uninterrupted run's "
             "(RESUME_WITHOUT_INPUT_POSITION = True).")
@@ -179,8 +183,30 @@ def saved_shard_count(names: Sequence[str]) -> int | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A trained MODEL_DIR ready to evaluate or decode: the model on its mesh, the newest
+    checkpoint's step and parameters, and the data settings (DataConfig.as_trained)."""
+
+    model: models.EncoderDecoderModel
+    mesh: Mesh
+    step: int
+    params: Any
+    data: run_config.DataConfig
+
+
+def restore_run(model_config: models.T5Config, data: run_config.DataConfig, model_dir: str,
+                mesh_config: partitioning.MeshConfig) -> RestoredRun:
+    mesh = trainer_lib.model_mesh(model_config, mesh_config)
+    model, step, params = restore_model(model_config, model_dir, mesh, mesh_config.rules)
+    data = data.as_trained(model_dir)
+    # After the restore, so a missing checkpoint is reported before any vocabulary training.
+    run_config.check_vocabulary(model_config, data)
+    return RestoredRun(model, mesh, step, params, data)
+
+
 def restore_model(model_config: models.T5Config, model_dir: str, mesh,
-                  rules: tuple) -> tuple[models.EncoderDecoderModel, int, object]:
+                  rules: partitioning.Rules) -> tuple[models.EncoderDecoderModel, int, Any]:
     """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
     model = models.EncoderDecoderModel(model_config)
     shardings = trainer_lib.param_shardings(model, mesh, rules)
@@ -228,8 +254,9 @@ def upcycle(moe_params, dense_params):
 
 def dense_shardings(moe_shardings) -> dict:
     """{a dense parameter's path (optimizers.parameter_path): its sharding} for the dense
-    parameters `upcycle` reads, from the MoE parameters' NamedShardings (an expert kernel's minus the expert
-    dimension), so a dense checkpoint can be restored straight into matching shards."""
+    parameters `upcycle` reads, from the MoE parameters' NamedShardings (an expert kernel's
+    minus the expert dimension), so a dense checkpoint can be restored straight into matching
+    shards."""
     found = {}
     for path, sharding in jax.tree_util.tree_leaves_with_path(moe_shardings):
         keys = [getattr(key, "key", key) for key in path]

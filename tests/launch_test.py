@@ -225,6 +225,24 @@ def test_gin_slips_are_one_line_usage_errors(tmp_path, probe, clean_gin, gin_tex
     assert logging.root.manager.disable == logging.NOTSET  # gin's ERROR logs are back on.
 
 
+@pytest.mark.parametrize("old_binding, moved_to", [
+    ("t5x_lite.train.LoopConfig.seed = 1", "bind run_config.LoopConfig (from t5x_lite import "
+     "run_config)"),
+    ("partitioning.MeshConfig.rules = [('batch', None)]", "bind partitioning.MeshConfig."
+     "rule_table = 'data', 'fsdp', 'fsdp_tensor' or 'expert', plus rule_overrides"),
+])
+def test_a_config_gin_from_before_a_move_names_the_new_binding(tmp_path, clean_gin, old_binding,
+                                                               moved_to):
+    path = tmp_path / "config.gin"
+    path.write_text("from __gin__ import dynamic_registration\nimport t5x_lite.train\n"
+                    f"from t5x_lite import partitioning\n{old_binding}\n")
+    with pytest.raises(launch.UsageError) as raised:
+        launch.parse_gin([str(path)], [])
+    assert str(raised.value).startswith(f"{path}:4: ")
+    assert str(raised.value).endswith(f"; it moved: {moved_to} (edit that line of an older "
+                                      "config.gin)")
+
+
 def test_a_syntax_error_in_a_module_a_gin_file_imports_is_one_line(tmp_path, probe, clean_gin,
                                                                   monkeypatch):
     (tmp_path / "launch_test_broken.py").write_text("def register(:\n    pass\n")
@@ -331,6 +349,8 @@ def test_verbose_or_debug_reraises_and_other_errors_pass_through(capsys, monkeyp
      "--module_import=launch_test_absent: no module 'launch_test_absent' in the current "
      "directory or on the Python path: run from the directory holding launch_test_absent.py, "
      "or add its directory to PYTHONPATH"),
+    (["--gin_file"], f"argument --gin_file: expected one argument (see: python -m {PROBE} "
+     "--help)"),
 ])
 def test_main_with_bad_flags_exits_2_with_one_line(capsys, argv, expected):
     with pytest.raises(SystemExit) as exited:

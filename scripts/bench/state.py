@@ -7,7 +7,7 @@ from bench import flags
 from bench import presets
 from t5x_lite import launch
 
-RULE_TABLES = ("data", "fsdp", "fsdp_tensor")  # The first is what the others are compared with.
+TABLE_FILES = ("data", "fsdp", "fsdp_tensor")  # The first is what the others are compared with.
 
 
 def add_parser(commands) -> None:
@@ -21,7 +21,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     presets.check_preset(args.preset)
     config = presets.model_config_of(args.preset)
-    rows = [state_row(args.preset, config, table) for table in RULE_TABLES]
+    rows = [state_row(args.preset, config, table) for table in TABLE_FILES]
     for row in rows:
         row["ratio_to_data"] = row["total_mib"] / rows[0]["total_mib"]
     return rows
