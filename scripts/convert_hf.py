@@ -81,7 +81,7 @@ def tokenizer_of(gin_files: list[str]) -> tuple[dict[str, bytes], str]:
                    f"{vocabulary.extra_ids} sentinels)")
 
 
-def restored_params(model: models.EncoderDecoderModel, model_dir: str) -> tuple[int, dict]:
+def restored_params(model: models.Model, model_dir: str) -> tuple[int, dict]:
     if not os.path.isdir(checkpoints.checkpoint_dir(model_dir)):
         raise FileNotFoundError(f"no checkpoints in {os.path.abspath(model_dir)}: pass the "
                                 f"MODEL_DIR of a training run")
@@ -95,7 +95,7 @@ def to_hf(args: argparse.Namespace) -> None:
     if not args.gin_file and not os.path.isfile(gin_files[0]):
         raise FileNotFoundError(f"{gin_files[0]} does not exist: pass the run's model gin "
                                 f"file with --gin_file")
-    model = models.EncoderDecoderModel(model_config_from_gin(gin_files))
+    model = models.model_for(model_config_from_gin(gin_files))
     hf.config_to_hf(model.config)  # an unexportable model fails before the restore
     tokenizer, tokenizer_note = tokenizer_of(gin_files)
     step, params = restored_params(model, args.model_dir)

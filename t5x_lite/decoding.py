@@ -134,12 +134,13 @@ def gather_beams(x_BW, indices_BK: jax.Array) -> jax.Array:
 def gather_cache(cache, indices_BW: jax.Array, batch_axis: int = 0):
     """Reorders a cache whose arrays hold W beams per row (B * W rows, row-major, on axis
     `batch_axis`: 1 where layers are stacked first) to the beams `indices_BW`. Cache
-    positions (no batch axis) pass through, and so do entries named cross_* (the projected
-    encoder output, the same for every beam of a row)."""
+    positions (no batch axis) pass through, and so do entries named cross_* or prompt_* (the
+    projected encoder output, a prompt's logits: the same for every beam of a row)."""
     batch_size, beams = indices_BW.shape
 
     def gather(path, x):
-        if x.ndim <= batch_axis or "cross_" in jax.tree_util.keystr(path):
+        name = jax.tree_util.keystr(path)
+        if x.ndim <= batch_axis or "cross_" in name or "prompt_" in name:
             return x
         rows_first = jnp.moveaxis(x, batch_axis, 0)
         gathered = gather_beams(rows_first.reshape(batch_size, beams, *rows_first.shape[1:]),

@@ -11,6 +11,7 @@ from t5x_lite import startup
 # with one line at any moment (startup.py).
 startup.begin(__name__, "nothing more was evaluated; rerun the same command to evaluate")
 
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 
 import gin  # noqa: E402
@@ -24,6 +25,7 @@ from t5x_lite import partitioning  # noqa: E402
 from t5x_lite import run_config  # noqa: E402
 from t5x_lite import trainer as trainer_lib  # noqa: E402
 from t5x_lite import warm_start  # noqa: E402
+from t5x_lite.data import pipeline  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
 
@@ -34,19 +36,24 @@ say = run_config.say
 EVAL_DIR = "eval"
 
 
-def infillings(model: models.EncoderDecoderModel, params, data: run_config.DataConfig, mesh,
+def infillings(model: models.Model, params, data: run_config.DataConfig, mesh,
                rules, count: int) -> list[tuple[str, str, str]]:
-    """(masked input, model fill, true fill) for the first `count` validation examples."""
+    """(masked input, model fill, true fill) for the first `count` validation examples; none
+    for a task without inputs (a causal LM)."""
     vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
-    # Shuffled with a fixed seed: the first examples in file order all come from one file.
-    local = next(data.batches("validation", mesh, shuffle=True, seed=0, repeat=False,
-                              pack=False))
+    if not pipeline.has_inputs(data.mixture_or_task_name, "validation",
+                               data.task_feature_lengths):
+        return []
+    # Read with inputs and targets apart, whatever the family; shuffled with a fixed seed:
+    # the first examples in file order all come from one file.
+    local = next(dataclasses.replace(data, decoder_only=False).batches(
+        "validation", mesh, shuffle=True, seed=0, repeat=False, pack=False))
     batch = partitioning.global_batch(local, mesh)
     decode_length = data.task_feature_lengths["targets"]
     predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=decode_length,
                                                        eos_id=vocabulary.eos_id))
     tokens, _ = trainer_lib.in_mesh(predict, mesh, rules)(params, {
-        "encoder_input_tokens": batch["encoder_input_tokens"]})
+        model.inputs_key: batch["encoder_input_tokens"]})
     # Every host holds some rows; process 0 (which prints) holds the first ones.
     tokens = evaluation.gathered(tokens)
     rows = range(min(count, len(local["encoder_input_tokens"])))
@@ -87,8 +94,11 @@ def run(model_config: models.T5Config = gin.REQUIRED,
                                                                      "validation")
     headings = (("example", "input", "model output", "target") if supervised else
                 ("infilling", "input (spans masked)", "model fill", "true fill"))
-    for index, (masked, predicted, truth) in enumerate(
-            infillings(model, params, data, mesh, rules, num_infillings)):
+    examples = infillings(model, params, data, mesh, rules, num_infillings)
+    if num_infillings and not examples:
+        say(f"Task {data.mixture_or_task_name!r} has no inputs (a causal LM): no examples "
+            "to show; its validation loss above is the measure.")
+    for index, (masked, predicted, truth) in enumerate(examples):
         # Outputs are short: one line each, newlines escaped, to compare by eye.
         say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"
             f"{headings[2]}: {predicted!r}\n{headings[3]}: {truth!r}")

@@ -24,12 +24,12 @@ from t5x_lite.data import tasks
 
 Item = TypeVar("Item")
 
-def host_share(tokens: np.ndarray, mesh) -> jax.Array:
-    """The global [B, L] array of a batch every host holds whole: each passes its own rows."""
-    share = len(tokens) // jax.process_count()
-    local = tokens[jax.process_index() * share:(jax.process_index() + 1) * share]
-    return partitioning.global_batch({"encoder_input_tokens": local}, mesh)[
-        "encoder_input_tokens"]
+def host_share(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """The global arrays [B, ...] of a batch every host holds whole: each passes its own
+    rows."""
+    share = len(next(iter(batch.values()))) // jax.process_count()
+    rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+    return partitioning.global_batch({key: value[rows] for key, value in batch.items()}, mesh)
 
 
 def gathered(array: jax.Array) -> np.ndarray:
@@ -51,19 +51,26 @@ class DecodeSettings:
         decoding.DecodeOptions(**self.options)
 
 
-def predictor(model: models.EncoderDecoderModel, mesh, rules, decode_length: int,
+def predictor(model: models.Model, mesh, rules, decode_length: int,
               eos_id: int, settings: DecodeSettings = DecodeSettings()) -> Callable:
     """predict(params, tokens [B, L] NumPy, the same on every host) -> (tokens [B, N],
     scores [B]) as NumPy, decoded on the mesh."""
     jitted = trainer_lib.in_mesh(jax.jit(lambda p, tokens: model.predict_batch(
-        p, {"encoder_input_tokens": tokens}, max_decode_length=decode_length,
+        p, {model.inputs_key: tokens}, max_decode_length=decode_length,
         method=settings.method, eos_id=eos_id, **settings.options)), mesh, rules)
 
     def predict(params, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        predicted, scores = jitted(params, host_share(tokens, mesh))
+        predicted, scores = jitted(params, host_share({"tokens": tokens}, mesh)["tokens"])
         return gathered(predicted), gathered(scores)
 
     return predict
+
+
+def scorer(model: models.Model, mesh, rules) -> Callable:
+    """score(params, batch of the model's features as NumPy, the same on every host) ->
+    float32 [B] NumPy: each row's summed target log-probability (Model.score_batch)."""
+    jitted = trainer_lib.in_mesh(jax.jit(model.score_batch), mesh, rules)
+    return lambda params, batch: gathered(jitted(params, host_share(batch, mesh)))
 
 
 def padded_batches(items: Iterator[Item], batch_size: int, length: int,
@@ -80,17 +87,20 @@ def padded_batches(items: Iterator[Item], batch_size: int, length: int,
         yield group, tokens
 
 
-def validation_metrics(model: models.EncoderDecoderModel, mesh, rules, task_name: str,
+def validation_metrics(model: models.Model, mesh, rules, task_name: str,
                        task_feature_lengths: dict[str, int], batch_size: int,
                        max_examples: int | None, decode: DecodeSettings = DecodeSettings()
                        ) -> Callable[..., dict[str, float]]:
-    """score(params, step): the task's metrics (BLEU, ROUGE, ...) on its validation split
-    decoded on the mesh with `decode`; the examples are read once, here."""
+    """score(params, step): the task's metrics on its validation split, computed on the
+    mesh: decoded predictions for its prediction metrics (BLEU, ROUGE, ...), teacher-forced
+    target scores for its score metrics (rank classification); the examples are read once,
+    here."""
     metrics = TaskMetrics(task_name, "validation", dict(task_feature_lengths), batch_size,
-                          max_examples)
+                          max_examples, model.config.decoder_only)
     predict = predictor(model, mesh, rules, metrics.decode_length,
                         tasks.targets_vocabulary(task_name).eos_id, decode)
-    return lambda params, step: metrics(predict, params, step)
+    score = scorer(model, mesh, rules)
+    return lambda params, step: metrics(predict, score, params, step)
 
 
 def has_metrics(task_name: str) -> bool:
@@ -100,16 +110,21 @@ def has_metrics(task_name: str) -> bool:
 
 
 class TaskMetrics:
-    """The metrics of one task or mixture split; the examples are read once, at creation."""
+    """The metrics of one task or mixture split; the examples are read once, at creation, in
+    the model family's layout (`decoder_only`: prefix-LM rows, whose inputs are the
+    decoder_causal_attention positions but the first)."""
 
     def __init__(self, task_name: str, split: str, task_feature_lengths: dict[str, int],
-                 batch_size: int, max_examples: int | None = None):
+                 batch_size: int, max_examples: int | None = None, decoder_only: bool = False):
         pipeline.check_lengths(task_feature_lengths)
         self.batch_size = batch_size
         self.input_length = task_feature_lengths["inputs"]
         self.decode_length = task_feature_lengths["targets"]
+        self._decoder_only = decoder_only
+        converter = (seqio.PrefixLMFeatureConverter if decoder_only
+                     else seqio.EncDecFeatureConverter)(pack=False)
         self._evaluator = seqio.Evaluator(
-            task_name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+            task_name, converter, eval_split=split,
             sequence_length=dict(task_feature_lengths), num_examples=max_examples,
             use_memory_cache=True, async_compute_metrics=False)
         if not self._evaluator.eval_tasks:
@@ -117,11 +132,18 @@ class TaskMetrics:
                              f"split: register it with metrics (e.g. register_text_task(..., "
                              f"objective='supervised'))")
 
+    def _inputs(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The inputs of one converted example, EOS included."""
+        if not self._decoder_only:
+            return np.asarray(features["encoder_input_tokens"], np.int32)
+        # The start token and the inputs attend bidirectionally: all but the first position.
+        count = int(np.sum(features["decoder_causal_attention"])) - 1
+        return np.asarray(features["decoder_target_tokens"][:count], np.int32)
+
     def _predict_fn(self, predict: Callable, params) -> Callable:
         def predict_fn(dataset) -> list[tuple[int, list[int]]]:
             examples = list(dataset.as_numpy_iterator())
-            rows = (np.asarray(features["encoder_input_tokens"], np.int32)
-                    for _, features in examples)
+            rows = (self._inputs(features) for _, features in examples)
             outputs = []
             for group, tokens in padded_batches(rows, self.batch_size, self.input_length):
                 predicted, _ = predict(params, tokens)
@@ -130,12 +152,28 @@ class TaskMetrics:
 
         return predict_fn
 
-    def __call__(self, predict: Callable, params, step: int | None = None
+    def _score_fn(self, score: Callable, params) -> Callable:
+        def score_fn(dataset) -> list[tuple[int, float]]:
+            examples = list(dataset.as_numpy_iterator())
+            scores = []
+            for start in range(0, len(examples), self.batch_size):
+                group = [features for _, features in examples[start:start + self.batch_size]]
+                missing = self.batch_size - len(group)
+                batch = {key: np.concatenate([
+                    np.stack([features[key] for features in group]).astype(np.int32),
+                    np.zeros((missing, len(group[0][key])), np.int32)]) for key in group[0]}
+                scores.extend(score(params, batch)[:len(group)].tolist())
+            return [(int(index), value) for (index, _), value in zip(examples, scores)]
+
+        return score_fn
+
+    def __call__(self, predict: Callable, score: Callable, params, step: int | None = None
                  ) -> dict[str, float]:
         """{metric: value} for a task; {"task/metric": value} for each task of a mixture.
-        `predict` comes from `predictor`."""
-        results, _ = self._evaluator.evaluate(compute_metrics=True, step=step,
-                                              predict_fn=self._predict_fn(predict, params))
+        `predict` comes from `predictor`, `score` from `scorer`."""
+        results, _ = self._evaluator.evaluate(
+            compute_metrics=True, step=step, predict_fn=self._predict_fn(predict, params),
+            score_fn=self._score_fn(score, params))
         by_task = results.result()
         flat = {}
         for task_name, values in by_task.items():

@@ -57,8 +57,14 @@ def model_flops_per_step(config: models.T5Config, batch: int, inputs: int,
                          per encoder token:   4 D A  (the cross-attention keys and values)
       output projection, per decoder token:   2 D V
     Attention counts the whole L x L and T x T products: packing and causal masks skip no
-    work."""
+    work. A decoder-only model's rows hold R = L + T tokens (L = 0 for a causal LM), each
+    costing 8 D A + M + 4 R A per layer and 2 D V for the output projection."""
     d, a = config.d_model, config.num_heads * config.head_dim
+    if config.decoder_only:
+        row = inputs + targets
+        token = sum(8 * d * a + _mlp_forward(config, i) + 4 * row * a
+                    for i in range(config.num_decoder_layers)) + 2 * d * config.vocab_size
+        return 3.0 * batch * row * token
     encoder_token = sum(8 * d * a + _mlp_forward(config, i) + 4 * inputs * a
                         for i in range(config.num_encoder_layers))
     decoder_token = sum(12 * d * a + _mlp_forward(config, i) + 4 * targets * a + 4 * inputs * a

@@ -123,6 +123,9 @@ def activation_name(activation) -> str | None:
 
 def config_to_hf(config: models.T5Config) -> dict:
     """A transformers T5 config.json (dict) for a t5x_lite T5Config."""
+    if config.decoder_only:
+        raise HFFormatError("transformers' T5 is an encoder-decoder: a decoder_only model has "
+                            "no T5 checkpoint to export to (its parameters stay in MODEL_DIR)")
     if config.moe is not None:
         raise HFFormatError("transformers' T5 has no Mixture-of-Experts layers: only dense "
                             "models can be exported")
@@ -430,7 +433,7 @@ def read_tokenizer(hf_dir: str) -> tuple[str, int] | None:
     return path, extra_ids
 
 
-def save_t5(model: models.EncoderDecoderModel, params: dict, out_dir: str,
+def save_t5(model: models.Model, params: dict, out_dir: str,
             extra_files: dict[str, bytes] | None = None) -> None:
     """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration
     loads, and `extra_files` ({name: contents}, e.g. `tokenizer_files`). Written to a

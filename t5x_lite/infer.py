@@ -1,10 +1,13 @@
 """Inference entry point: decodes the inputs of a task split, or of a text / JSONL file, with
 the newest checkpoint in MODEL_DIR and writes one JSON line per input: input, prediction,
-score (and target, for a task split).
+score (and target, for a task split). In score mode (INFER_MODE = 'score') it decodes nothing:
+each line holds an example's input, target and score, the summed log-probability of the
+target given the input (teacher forced; T5X's infer in score mode).
 
   python -m t5x_lite.infer --gin_file=gin/quickstart.gin --gin_file=gin/runs/infer.gin \\
       --gin.INFER_OUTPUT="'runs/quickstart/predictions.jsonl'" [--gin.INFER_INPUTS="'in.txt'"]
       [--gin.DECODE_METHOD="'beam'" --gin.DECODE_OPTIONS="{'beam_size': 4, 'alpha': 0.6}"]
+      [--gin.INFER_MODE="'score'"]   # a .jsonl file then needs a target field per input
 
 The output appears only once complete (written beside it, then renamed).
 """
@@ -14,6 +17,7 @@ from t5x_lite import startup
 # with one line at any moment (startup.py).
 startup.begin(__name__, "no predictions were written; rerun the same command to decode")
 
+import enum  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -21,7 +25,10 @@ from typing import Iterator  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
+from t5x_lite import choices  # noqa: E402
 from t5x_lite import decoding  # noqa: E402
 from t5x_lite import evaluation  # noqa: E402
 from t5x_lite import launch  # noqa: E402
@@ -36,86 +43,182 @@ from t5x_lite.data import vocab  # noqa: E402
 say = run_config.say
 
 
+class Mode(enum.Enum):
+    """INFER_MODE: what infer writes for each example."""
+
+    PREDICT = "predict"  # the decoded prediction and its score
+    SCORE = "score"  # the target's summed log-probability given the input; nothing decoded
+
+
 def read_inputs(path: str, input_field: str = "inputs") -> list[str]:
     """The inputs of a file: each non-empty line of a .txt file, or `input_field` of each
     line of a .jsonl file."""
+    return [record[0] for record in read_records(path, {input_field: "input_field"})]
+
+
+def read_records(path: str, fields: dict[str, str]) -> list[tuple[str, ...]]:
+    """The `fields` (JSON field -> the run() argument naming it) of each line of a .jsonl
+    file; of a .txt file, each non-empty line, when one field is asked."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"INFER_INPUTS file {path!r} does not exist: pass a .txt file "
                                 "(one input per line) or a .jsonl file")
     with open(path) as f:
         lines = [line.rstrip("\n") for line in f if line.strip()]
     if not path.endswith(".jsonl"):
-        return lines
-    texts = []
+        if len(fields) > 1:
+            raise ValueError(f"INFER_INPUTS {path!r} is not a .jsonl file: score mode reads an "
+                             f"input and a target per line, pass a .jsonl file with fields "
+                             f"{' and '.join(map(repr, fields))}")
+        return [(line,) for line in lines]
+    records = []
     for number, line in enumerate(lines, 1):
         record = json.loads(line)
-        if input_field not in record:
-            raise ValueError(f"{path}:{number} has no field {input_field!r}: set "
-                             "t5x_lite.infer.run.input_field to the field holding the input")
-        texts.append(str(record[input_field]))
-    return texts
+        for field, argument in fields.items():
+            if field not in record:
+                raise ValueError(f"{path}:{number} has no field {field!r}: set "
+                                 f"t5x_lite.infer.run.{argument} to the field holding it")
+        records.append(tuple(str(record[field]) for field in fields))
+    return records
 
 
 def file_examples(texts: list[str], vocabulary, input_length: int) -> Iterator[dict]:
     """Tokenised inputs, EOS-terminated and cut to input_length."""
     for text in texts:
-        ids = list(vocabulary.encode(text))[:input_length - 1] + [vocabulary.eos_id]
-        yield {"input": text, "ids": ids}
+        yield {"input": text, "ids": _token_ids(text, vocabulary, input_length)}
+
+
+def _token_ids(text: str, vocabulary, length: int) -> list[int]:
+    return list(vocabulary.encode(text))[:length - 1] + [vocabulary.eos_id]
 
 
 def split_examples(data: run_config.DataConfig, split: str, vocabulary) -> Iterator[dict]:
-    """The task split's examples, in order (every host reads all of them)."""
-    lengths = data.task_feature_lengths
+    """The task split's examples, in order (every host reads all of them): input and target
+    text and token ids ("ids" the inputs', "target_ids" the targets'). A task without inputs
+    (a causal LM) gives empty inputs."""
+    lengths = dict(data.task_feature_lengths)
+    with_inputs = pipeline.has_inputs(data.mixture_or_task_name, split, lengths)
     for batch in pipeline.get_batches(
-            data.mixture_or_task_name, split, dict(lengths), 1, shuffle=False, seed=0,
-            repeat=False, pack=False):
-        ids = [int(i) for i in batch["encoder_input_tokens"][0] if i]
+            data.mixture_or_task_name, split, lengths, 1, shuffle=False, seed=0,
+            repeat=False, pack=False, decoder_only=not with_inputs):
+        ids = [int(i) for i in batch["encoder_input_tokens"][0] if i] if with_inputs else []
+        target_ids = [int(i) for i in batch["decoder_target_tokens"][0] if i]
         yield {"input": vocab.show_ids(vocabulary, ids), "ids": ids,
-               "target": vocab.show_ids(vocabulary, batch["decoder_target_tokens"][0])}
+               "target": vocab.show_ids(vocabulary, target_ids), "target_ids": target_ids}
 
 
 def run(model_config: models.T5Config = gin.REQUIRED,
         data: run_config.DataConfig = gin.REQUIRED, model_dir: str = gin.REQUIRED,
         output_file: str = gin.REQUIRED,
-        input_file: str | None = None, input_field: str = "inputs", split: str = "validation",
-        max_examples: int | None = None,
+        input_file: str | None = None, input_field: str = "inputs",
+        target_field: str = "targets", split: str = "validation",
+        max_examples: int | None = None, mode: Mode | str = Mode.PREDICT,
         method: decoding.Method | str = decoding.Method.GREEDY,
         decode_options: dict | None = None, max_decode_length: int | None = None,
         mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()) -> int:
-    """Writes predictions to `output_file` and returns how many. `max_decode_length`
-    defaults to the targets length of TASK_FEATURE_LENGTHS (the training run's, unless
-    bound)."""
+    """Writes predictions (or, in score mode, scores) to `output_file` and returns how many.
+    `max_decode_length` defaults to the targets length of TASK_FEATURE_LENGTHS (the training
+    run's, unless bound)."""
+    mode = choices.parse(Mode, mode, "INFER_MODE")
     method = decoding.parse_method(method)
     options = decoding.DecodeOptions(**(decode_options or {}))
-    texts = read_inputs(input_file, input_field) if input_file else None
+    fields = {input_field: "input_field"}
+    if mode is Mode.SCORE:
+        fields[target_field] = "target_field"
+    records = read_records(input_file, fields) if input_file else None
     restored = warm_start.restore_run(model_config, data, model_dir, mesh_config)
-    model, mesh, step, params, data = (restored.model, restored.mesh, restored.step,
-                                       restored.params, restored.data)
-    vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
+    vocabulary = tasks.targets_vocabulary(restored.data.mixture_or_task_name)
+    if mode is Mode.SCORE:
+        rows, what = scored(restored, mesh_config.rules, records, split, max_examples,
+                            vocabulary), "scores"
+    else:
+        rows, what = predicted(restored, mesh_config.rules, records, split, max_examples,
+                               vocabulary, method, options, max_decode_length), \
+            f"predictions ({method.value})"
+    if jax.process_index() == 0:
+        _write_atomically(output_file, rows)
+    say(f"Checkpoint step {restored.step}: wrote {len(rows)} {what} to {output_file}")
+    return len(rows)
+
+
+def predicted(restored: warm_start.RestoredRun, rules, records: list | None, split: str,
+              max_examples: int | None, vocabulary, method: decoding.Method,
+              options: decoding.DecodeOptions, max_decode_length: int | None) -> list[dict]:
+    """One {input, prediction, score (, target)} per example, decoded on the mesh."""
+    data = restored.data
     input_length = data.task_feature_lengths["inputs"]
     decode_length = max_decode_length or data.task_feature_lengths["targets"]
-    examples = (file_examples(texts, vocabulary, input_length) if texts is not None
-                else split_examples(data, split, vocabulary))
-    predict = evaluation.predictor(model, mesh, mesh_config.rules, decode_length,
+    examples = (file_examples([record[0] for record in records], vocabulary, input_length)
+                if records is not None else split_examples(data, split, vocabulary))
+    predict = evaluation.predictor(restored.model, restored.mesh, rules, decode_length,
                                    vocabulary.eos_id,
                                    evaluation.DecodeSettings(method, vars(options)))
     rows = []
     for group, tokens in evaluation.padded_batches(
             itertools.islice(examples, max_examples), data.batch_size, input_length,
             lambda example: example["ids"]):
-        predicted, scores = predict(params, tokens)
+        predicted_tokens, scores = predict(restored.params, tokens)
         for row, example in enumerate(group):
             record = {"input": example["input"],
-                      "prediction": vocab.show_ids(vocabulary, predicted[row]),
+                      "prediction": vocab.show_ids(vocabulary, predicted_tokens[row]),
                       "score": float(scores[row])}
             if "target" in example:
                 record["target"] = example["target"]
             rows.append(record)
-    if jax.process_index() == 0:
-        _write_atomically(output_file, rows)
-    say(f"Checkpoint step {step}: wrote {len(rows)} predictions ({method.value}) "
-        f"to {output_file}")
-    return len(rows)
+    return rows
+
+
+def scored(restored: warm_start.RestoredRun, rules, records: list | None, split: str,
+           max_examples: int | None, vocabulary) -> list[dict]:
+    """One {input, target, score} per example: the target's summed log-probability given
+    the input, teacher forced in the model family's layout (Model.score_batch)."""
+    data = restored.data
+    lengths = dict(data.task_feature_lengths)
+    if records is not None:
+        examples = ({"input": text, "target": target,
+                     "ids": _token_ids(text, vocabulary, lengths["inputs"]),
+                     "target_ids": _token_ids(target, vocabulary, lengths["targets"])}
+                    for text, target in records)
+        cut = sum(len(vocabulary.encode(target)) >= lengths["targets"]
+                  for _, target in records[:max_examples])
+        if cut:
+            say(f"{cut} target(s) are longer than TASK_FEATURE_LENGTHS['targets'] = "
+                f"{lengths['targets']} tokens with EOS: their scores cover the first "
+                f"{lengths['targets'] - 1} tokens; bind a longer targets length to score "
+                "them whole.")
+    else:
+        examples = split_examples(data, split, vocabulary)
+    examples = list(itertools.islice(examples, max_examples))
+    score = evaluation.scorer(restored.model, restored.mesh, rules)
+    rows = []
+    for group, batch in zip(_chunks(examples, data.batch_size),
+                            _score_batches(examples, data, lengths)):
+        scores = score(restored.params, batch)
+        rows += [{"input": example["input"], "target": example["target"],
+                  "score": float(scores[row])} for row, example in enumerate(group)]
+    return rows
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    return (items[start:start + size] for start in range(0, len(items), size))
+
+
+def _score_batches(examples: list[dict], data: run_config.DataConfig, lengths: dict
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """The examples as unpacked batches of the model family's features."""
+    with_inputs = any(example["ids"] for example in examples)
+    signature = {"targets": tf.TensorSpec([None], tf.int32)}
+    if with_inputs:
+        signature["inputs"] = tf.TensorSpec([None], tf.int32)
+
+    def token_examples():
+        for example in examples:
+            yield {"targets": example["target_ids"],
+                   **({"inputs": example["ids"]} if with_inputs else {})}
+
+    dataset = tf.data.Dataset.from_generator(token_examples, output_signature=signature)
+    return pipeline.model_batches(dataset, data.mixture_or_task_name, lengths, data.batch_size,
+                                  pack=False, repeat=False,
+                                  decoder_only=data.decoder_only).as_numpy_iterator()
 
 
 def _write_atomically(path: str, rows: list[dict]) -> None:

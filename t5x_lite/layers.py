@@ -123,6 +123,16 @@ def attention_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
     return mask[:, None]
 
 
+def prefix_lm_mask(segment_ids_BT: jax.Array, causal_attention_BT: jax.Array) -> jax.Array:
+    """Boolean [B, 1, T, T] of a decoder-only model: causal within each packed segment, and
+    bidirectional among the positions whose decoder_causal_attention is 1 (a prefix-LM's
+    inputs; T5X's make_decoder_mask)."""
+    prefix_BT = causal_attention_BT > 0
+    both_prefix = prefix_BT[:, None, :, None] & prefix_BT[:, None, None, :]
+    return (attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+            | (attention_mask(segment_ids_BT, segment_ids_BT, causal=False) & both_prefix))
+
+
 def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(mask, 0.0, MASKED_LOGIT).astype(dtype)
 
@@ -323,11 +333,15 @@ def feed_forward(x_BTD: jax.Array, valid_BT: jax.Array, deterministic: bool,
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then MLP. `valid_BL` marks real (non-padding) tokens for sparse MLPs."""
+    """Self-attention then MLP: an encoder's layer, and a decoder-only model's (whose bias
+    makes it causal). `valid_BL` marks real (non-padding) tokens for sparse MLPs. With
+    `cache_length` > 0 (decoder-only decoding) the self-attention keeps a key/value cache of
+    that many positions, as DecoderLayer's does."""
 
     config: LayerConfig
     mlp_block: Callable[..., nn.Module] = Mlp
     extra_dense_mlp: bool = False
+    cache_length: int = 0
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, valid_BL: jax.Array,
@@ -336,8 +350,8 @@ class EncoderLayer(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BLD = rms_norm(cfg, "pre_attention_norm")(x_BLD)
         x_BLD = x_BLD + dropout(
-            MultiHeadAttention(cfg, name="attention")(normed_BLD, normed_BLD, bias_BHLL,
-                                                      deterministic), deterministic)
+            MultiHeadAttention(cfg, self.cache_length, name="attention")(
+                normed_BLD, normed_BLD, bias_BHLL, deterministic), deterministic)
         x_BLD = feed_forward(x_BLD, valid_BL, deterministic, cfg, self.mlp_block,
                              self.extra_dense_mlp)
         return constrain(x_BLD, ("batch", "length", "embed"))

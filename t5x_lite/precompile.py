@@ -109,10 +109,16 @@ def run_settings() -> dict:
     return settings
 
 
-def abstract_batch(batch_size: int, lengths: dict, mesh) -> dict:
+def abstract_batch(batch_size: int, row_lengths: tuple[int, int], mesh,
+                   decoder_only: bool = False) -> dict:
+    """The train step's batch of `row_lengths` (inputs, targets) in the family's layout."""
     sharding = partitioning.batch_sharding(mesh)
-    length_of = {key: lengths["inputs" if key.startswith("encoder") else "targets"]
-                 for key in pipeline.BATCH_KEYS}
+    inputs, targets = row_lengths
+    if decoder_only:
+        length_of = {key: inputs + targets for key in pipeline.DECODER_ONLY_KEYS}
+    else:
+        length_of = {key: inputs if key.startswith("encoder") else targets
+                     for key in pipeline.BATCH_KEYS}
     return {key: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
             for key, length in length_of.items()}
 
@@ -205,9 +211,8 @@ def report(topology: accelerators.Topology, trainer: trainer_lib.Trainer, steps:
     state = trainer.sharded_abstract_state()
     hlo_text = compiled.as_text()
     per_device = memory_per_device(compiled, state)
-    lengths = data.task_feature_lengths
     model_flops = flops.model_flops_per_step(trainer.model.config, data.batch_size,
-                                             lengths["inputs"], lengths["targets"])
+                                             *data.row_lengths())
     return {
         "topology": topology.name, "platform": chip.platform, "device_kind": chip.device_kind,
         "devices": topology.devices,
@@ -300,7 +305,8 @@ def precompile(topology_name: str) -> dict:
                    + partitioning.per_device_bytes(state.opt_state))
     if floor_bytes > accelerators.usable_memory_bytes(topology.chip, os.environ):
         raise launch.UsageError(state_does_not_fit(topology, trainer, floor_bytes))
-    batch = abstract_batch(data.batch_size, data.task_feature_lengths, trainer.mesh)
+    batch = abstract_batch(data.batch_size, data.row_lengths(), trainer.mesh,
+                           model_config.decoder_only)
     try:
         steps = compiled_steps(trainer, batch)
     except jax.errors.JaxRuntimeError as error:

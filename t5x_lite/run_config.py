@@ -47,10 +47,12 @@ class DataConfig:
     pack: bool = True
     num_input_shards: int | None = None
     resume_without_input_position: bool = False
+    # The batch layout of the model family (pipeline.py); set from the model by for_model.
+    decoder_only: bool = False
 
     def __post_init__(self):
         if self.task_feature_lengths is not None:
-            pipeline.check_lengths(self.task_feature_lengths)
+            pipeline.check_lengths(self.task_feature_lengths, ("targets",))
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
         if self.num_input_shards is not None and self.num_input_shards < 1:
@@ -95,6 +97,19 @@ class DataConfig:
         say(f"Using {used} from {source}; bind them to use others.")
         return completed
 
+    def for_model(self, model_config: models.T5Config) -> "DataConfig":
+        """This config with the batch layout of model_config's family."""
+        return dataclasses.replace(self, decoder_only=model_config.decoder_only)
+
+    def row_lengths(self) -> tuple[int, int]:
+        """(inputs, targets) tokens of a row: 0 inputs for a task of targets only (a causal
+        LM, whose 'inputs' length is ignored) or where none is given."""
+        targets = self.task_feature_lengths["targets"]
+        if self.decoder_only and self.mixture_or_task_name and not pipeline.has_inputs(
+                self.mixture_or_task_name, "train", self.task_feature_lengths):
+            return 0, targets
+        return self.task_feature_lengths.get("inputs", 0), targets
+
     def run_settings(self) -> dict:
         return {name: getattr(self, name) for name in RUN_SETTINGS}
 
@@ -133,7 +148,7 @@ class DataConfig:
             self.mixture_or_task_name, split, dict(self.task_feature_lengths),
             self.batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
             pack=self.pack if pack is None else pack, num_shards=self.num_input_shards,
-            shard_indices=self.host_shards(mesh))
+            shard_indices=self.host_shards(mesh), decoder_only=self.decoder_only)
 
     def has_split(self, split: str) -> bool:
         return split in tasks.get_task_or_mixture(self.mixture_or_task_name).splits

@@ -66,7 +66,7 @@ def run(model_config: models.T5Config = gin.REQUIRED,
     with a fresh optimizer state at step 0 (fine-tuning); `require_init_from` (finetune.gin)
     makes it an error to leave it unset."""
     data = check_run(data, mesh_config, num_microbatches, init_from, upcycle_from,
-                     require_init_from)
+                     require_init_from).for_model(model_config)
     warm_start.check_upcycling(model_config, upcycle_from)
     trainer = trainer_lib.build_trainer(
         model_config, learning_rate, optimizer, mesh_config, loop.seed, num_microbatches,
@@ -215,12 +215,11 @@ def timed_step(train_step: Callable, state: trainer_lib.TrainState,
 def throughput_period(trainer: trainer_lib.Trainer, data: run_config.DataConfig, step: int
                ) -> metrics_io.LogPeriod:
     """Throughput bookkeeping from `step` on: tokens and model FLOPs per step, peak FLOPs."""
-    lengths, devices = data.task_feature_lengths, trainer.mesh.devices.size
+    (inputs, targets), devices = data.row_lengths(), trainer.mesh.devices.size
     peak = flops.peak_bf16_flops(trainer.mesh.devices.flat[0].device_kind)
     return metrics_io.LogPeriod(
-        step, data.batch_size * (lengths["inputs"] + lengths["targets"]),
-        flops.model_flops_per_step(trainer.model.config, data.batch_size, lengths["inputs"],
-                                   lengths["targets"]),
+        step, data.batch_size * (inputs + targets),
+        flops.model_flops_per_step(trainer.model.config, data.batch_size, inputs, targets),
         devices, peak and peak * devices)
 
 

@@ -38,7 +38,7 @@ class Trainer:
     memory at a time) and applies one update equal to the full batch's.
     """
 
-    model: models.EncoderDecoderModel
+    model: models.Model
     optimizer: optax.GradientTransformation
     learning_rate: Callable[[jax.Array], jax.Array]
     mesh: Mesh
@@ -174,7 +174,7 @@ def build_trainer(model_config: models.T5Config, learning_rate: optax.ScalarOrSc
     transform = optimizer(learning_rate=learning_rate)
     if max_consecutive_skips is not None:
         transform = optax.apply_if_finite(transform, max_consecutive_skips)
-    return Trainer(models.EncoderDecoderModel(model_config), transform, learning_rate, mesh,
+    return Trainer(models.model_for(model_config), transform, learning_rate, mesh,
                    rules=mesh_config.rules, dropout_seed=seed,
                    num_microbatches=num_microbatches)
 
@@ -202,7 +202,7 @@ def in_mesh(fn: Callable, mesh: Mesh, rules: partitioning.Rules) -> Callable:
     return run
 
 
-def param_shardings(model: models.EncoderDecoderModel, mesh: Mesh, rules: partitioning.Rules):
+def param_shardings(model: models.Model, mesh: Mesh, rules: partitioning.Rules):
     return partitioning.logical_to_sharding(model.logical_axes(), mesh, rules)
 
 
@@ -244,13 +244,13 @@ def _dict_keys(path) -> tuple:
     return tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
 
 
-def compile_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings,
+def compile_eval_step(model: models.Model, mesh: Mesh, shardings,
                       rules: partitioning.Rules) -> Callable:
     """Returns fn(params, batch) -> summed loss / z_loss / correct / weight over the batch."""
     return in_mesh(jitted_eval_step(model, mesh, shardings), mesh, rules)
 
 
-def jitted_eval_step(model: models.EncoderDecoderModel, mesh: Mesh, shardings) -> Callable:
+def jitted_eval_step(model: models.Model, mesh: Mesh, shardings) -> Callable:
     return jax.jit(lambda params, batch: model.loss_sums(params, batch),
                    in_shardings=(shardings, partitioning.batch_sharding(mesh)),
                    out_shardings=partitioning.replicated(mesh))

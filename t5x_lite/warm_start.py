@@ -66,7 +66,7 @@ def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_li
 
 # T5Config fields that change what the parameters compute; the rest (dropout, dtype, remat,
 # z-loss) are the fine-tuning run's own choice.
-ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
+ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
                        "num_encoder_layers", "num_decoder_layers", "activation", "gated_mlp",
                        "tie_embeddings", "relative_attention_num_buckets",
                        "relative_attention_max_distance", "layer_norm_epsilon")
@@ -80,6 +80,7 @@ def hf_state(trainer: trainer_lib.Trainer, hf_dir: str) -> trainer_lib.TrainStat
         theirs, mine = getattr(hf_model.config, field), getattr(ours, field)
         if field == "activation":
             theirs, mine = hf.activation_name(theirs), hf.activation_name(mine)
+        theirs, mine = (getattr(value, "value", value) for value in (theirs, mine))
         if theirs != mine:
             raise ValueError(f"INIT_FROM {hf_dir!r} has {field} = {theirs}, the gin model "
                              f"{mine}: bind models.T5Config.{field} = {theirs} (or use the "
@@ -188,7 +189,7 @@ class RestoredRun:
     """A trained MODEL_DIR ready to evaluate or decode: the model on its mesh, the newest
     checkpoint's step and parameters, and the data settings (DataConfig.as_trained)."""
 
-    model: models.EncoderDecoderModel
+    model: models.Model
     mesh: Mesh
     step: int
     params: Any
@@ -199,16 +200,16 @@ def restore_run(model_config: models.T5Config, data: run_config.DataConfig, mode
                 mesh_config: partitioning.MeshConfig) -> RestoredRun:
     mesh = trainer_lib.model_mesh(model_config, mesh_config)
     model, step, params = restore_model(model_config, model_dir, mesh, mesh_config.rules)
-    data = data.as_trained(model_dir)
+    data = data.as_trained(model_dir).for_model(model_config)
     # After the restore, so a missing checkpoint is reported before any vocabulary training.
     run_config.check_vocabulary(model_config, data)
     return RestoredRun(model, mesh, step, params, data)
 
 
 def restore_model(model_config: models.T5Config, model_dir: str, mesh,
-                  rules: partitioning.Rules) -> tuple[models.EncoderDecoderModel, int, Any]:
+                  rules: partitioning.Rules) -> tuple[models.Model, int, Any]:
     """The model, the step of its newest checkpoint, and the parameters sharded on `mesh`."""
-    model = models.EncoderDecoderModel(model_config)
+    model = models.model_for(model_config)
     shardings = trainer_lib.param_shardings(model, mesh, rules)
     abstract = partitioning.with_shardings(jax.eval_shape(model.init, jax.random.key(0)),
                                            shardings)

@@ -228,3 +228,29 @@ def test_sharded_shuffling_without_a_seed_is_rejected(docs):
     with pytest.raises(ValueError, match="needs a seed"):
         pipeline.get_shard_batches(TASK, "train", LENGTHS, 8, shuffle=True, seed=None,
                                    repeat=True, num_shards=2)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_decoder_only_rows_are_the_examples_inputs_then_targets(docs, pack):
+    """The same examples in both families' layouts: each decoder-only segment is the
+    encoder-decoder example's inputs then targets, its bidirectional prefix the start token
+    and the inputs, its loss on the targets alone."""
+    want = segments(batches(pack=pack))
+    found = []
+    for batch in batches(pack=pack, decoder_only=True):
+        assert set(batch) == set(pipeline.DECODER_ONLY_KEYS)
+        assert batch["decoder_target_tokens"].shape == (8, LENGTHS["inputs"] + LENGTHS["targets"])
+        for row in range(8):
+            ids = batch["decoder_segment_ids"][row]
+            for segment in range(1, ids.max() + 1):
+                tokens = batch["decoder_target_tokens"][row][ids == segment]
+                weights = batch["decoder_loss_weights"][row][ids == segment]
+                prefix = batch["decoder_causal_attention"][row][ids == segment]
+                inputs_length = int(prefix.sum()) - 1
+                assert prefix[:inputs_length + 1].all() and not prefix[inputs_length + 1:].any()
+                assert not weights[:inputs_length].any() and weights[inputs_length:].all()
+                found.append((tokens[:inputs_length], tokens[inputs_length:]))
+    assert len(found) == len(want)
+    for (inputs, targets), (want_inputs, want_targets) in zip(found, want):
+        np.testing.assert_array_equal(inputs, want_inputs)
+        np.testing.assert_array_equal(targets, want_targets)

@@ -164,7 +164,7 @@ def test_task_metrics_of_an_oracle_are_perfect(tmp_path):
     name = register_pairs_task(tmp_path, metric_names=("bleu", "rouge", "sequence_accuracy"))
     lengths = {"inputs": 32, "targets": 40}
     # Batch 4 over 6 examples: the last batch is padded.
-    values = evaluation.TaskMetrics(name, "validation", lengths, 4)(oracle(name, lengths), None)
+    values = evaluation.TaskMetrics(name, "validation", lengths, 4)(oracle(name, lengths), None, None)
     assert values == pytest.approx({"bleu": 100.0, "rouge1": 100.0, "rouge2": 100.0,
                                     "rougeL": 100.0, "sequence_accuracy": 100.0})
 
@@ -174,7 +174,7 @@ def test_task_metrics_score_the_decoded_strings(tmp_path):
     lengths = {"inputs": 32, "targets": 40}
     wrong = {"repeat beta", "repeat delta"}
     values = evaluation.TaskMetrics(name, "validation", lengths, 4, max_examples=5)(
-        oracle(name, lengths, wrong), None)
+        oracle(name, lengths, wrong), None, None)
     targets = [t for _, t in PAIRS[:5]]
     predictions = ["" if i in wrong else t for i, t in PAIRS[:5]]
     assert values["sequence_accuracy"] == pytest.approx(60.0)
@@ -194,5 +194,89 @@ def test_mixture_metrics_are_per_task(tmp_path):
     mixture = tasks.register_mixture("pairs_ab", [(first, 1.0), (second, 1.0)])
     lengths = {"inputs": 32, "targets": 40}
     values = evaluation.TaskMetrics(mixture, "validation", lengths, 4)(
-        oracle(mixture, lengths, {"repeat alpha", "repeat beta", "repeat gamma"}), None)
+        oracle(mixture, lengths, {"repeat alpha", "repeat beta", "repeat gamma"}), None, None)
     assert values == {"pairs_a/sequence_accuracy": 50.0, "pairs_b/sequence_accuracy": 50.0}
+
+
+# --- rank classification ---------------------------------------------------------------------
+
+def test_rank_classification_accuracy_counts_questions_whose_best_choice_is_correct():
+    # Question 0: choice scores -3 (correct), -1 -> wrong; question 1: -2 (correct), -5 ->
+    # right; question 2: a tie broken by the first choice, which is correct -> right.
+    targets = [(0, True), (0, False), (1, False), (1, True), (1, False), (2, True), (2, False)]
+    scores = [-3.0, -1.0, -5.0, -2.0, -9.0, -4.0, -4.0]
+    assert metrics.rank_classification_accuracy(targets, scores) == {
+        "accuracy": pytest.approx(200 / 3)}
+
+
+def register_choice_task(tmp_path) -> str:
+    """Multiple choice over PAIRS from a JSONL file: each input with its own target and
+    three others."""
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"inputs": i, "choices": c, "label": label}) + "\n"
+                            for i, c, label in corpora.multiple_choice(PAIRS, 4, seed=0)))
+    return tasks.register_text_task("pairs_choice", [str(path)], "multiple_choice",
+                                    vocab.byte_vocabulary(), validation_files=[str(path)])
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"inputs": "a", "choices": ["x", "y"], "label": 2}],
+     "label 2 is outside its 2 choices: use 0 to 1"),
+    ([{"inputs": "a", "choices": ["x", "y"], "label": 0},
+      {"inputs": "b", "choices": ["x", "y", "z"], "label": 0}],
+     "the questions have 2 or 3 choices: give every question the same number"),
+    ([{"inputs": "a", "choices": "x", "label": 0}], "needs 'inputs' .a string., 'choices'")])
+def test_bad_multiple_choice_files_are_one_line_errors(tmp_path, records, message):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(ValueError, match=message):
+        tasks.register_text_task("bad_choice", [str(path)], "multiple_choice")
+
+
+def oracle_scorer(decoder_only: bool, wrong_inputs=()) -> callable:
+    """score(params, batch) of the model family's unpacked rows: 0 for an input's own target
+    (PAIRS), -1 for any other; for the inputs in `wrong_inputs` the other way round."""
+    byte_vocab = vocab.byte_vocabulary()
+    answers = dict(PAIRS)
+
+    def text(ids) -> str:
+        return byte_vocab.decode([int(i) for i in ids if i > 1])
+
+    def score(params, batch):
+        out = []
+        for row in range(len(batch["decoder_target_tokens"])):
+            targets = batch["decoder_target_tokens"][row]
+            if decoder_only:
+                split = int(batch["decoder_causal_attention"][row].sum()) - 1
+                inputs, targets = targets[:split], targets[split:]
+            else:
+                inputs = batch["encoder_input_tokens"][row]
+            right = answers.get(text(inputs)) == text(targets)
+            out.append(0.0 if right != (text(inputs) in wrong_inputs) else -1.0)
+        return np.asarray(out, np.float32)
+
+    return score
+
+
+@pytest.mark.parametrize("decoder_only", [False, True])
+def test_rank_classification_picks_the_oracle_choice(tmp_path, decoder_only):
+    name = register_choice_task(tmp_path)
+    lengths = {"inputs": 32, "targets": 40}
+    metric = evaluation.TaskMetrics(name, "validation", lengths, 3, decoder_only=decoder_only)
+    assert metric(None, oracle_scorer(decoder_only), None) == {"accuracy": 100.0}
+    wrong = {"repeat alpha", "repeat beta", "repeat gamma"}
+    assert metric(None, oracle_scorer(decoder_only, wrong), None) == {"accuracy": 70.0}
+
+
+def test_stdlib_docstring_choice_holds_each_functions_own_docstring():
+    task = tasks.get_task_or_mixture("stdlib_docstring_choice")
+    pairs = set(corpora._stdlib_summaries("validation"))
+    examples = list(task.get_dataset({"inputs": 512, "targets": 64}, split="validation",
+                                     shuffle=False).take(40).as_numpy_iterator())
+    assert len(examples) == 40 and [e["idx"][1] for e in examples[:4]] == [0, 1, 2, 3]
+    for question in range(10):
+        choices = examples[4 * question:4 * question + 4]
+        assert {e["idx"][0] for e in choices} == {question}
+        correct = [e["targets_pretokenized"].decode() for e in choices if e["is_correct"]]
+        assert len(correct) == 1 and len({e["targets_pretokenized"] for e in choices}) == 4
+        assert (choices[0]["inputs_pretokenized"].decode(), correct[0]) in pairs

@@ -1,7 +1,8 @@
 """Sharding invariants on 8 CPU devices: every rule table in gin/partitioning/ trains to the
-parameters of one device, FSDP holds 1/8 of the state per device, a checkpoint restores onto
+parameters of one device (a decoder-only model too), FSDP holds 1/8 of the state per device, a checkpoint restores onto
 another mesh and trains on identically; microbatching equals the full batch; bad meshes and
 rules are one-line errors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,7 +38,7 @@ def mesh_config(rule_file: str, **sizes) -> partitioning.MeshConfig:
 def make_trainer(config: partitioning.MeshConfig, devices, num_microbatches: int = 1,
                  model_config: models.T5Config = trainer_test.CONFIG) -> trainer_lib.Trainer:
     schedule = optimizers.rsqrt_schedule(warmup_steps=10)
-    return trainer_lib.Trainer(models.EncoderDecoderModel(model_config),
+    return trainer_lib.Trainer(models.model_for(model_config),
                                optimizers.adafactor(schedule), schedule,
                                partitioning.create_mesh(config, devices), rules=config.rules,
                                num_microbatches=num_microbatches)
@@ -61,6 +62,9 @@ def relative_difference(tree_a, tree_b) -> float:
                                jax.tree_util.tree_leaves(tree_b)))
 
 
+DECODER_ONLY_CONFIG = dataclasses.replace(trainer_test.CONFIG, architecture="decoder_only",
+                                          num_encoder_layers=0)
+
 EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
     import jax, numpy as np
@@ -77,6 +81,15 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
         state, _ = t.train(trainer, 3)
         results[name] = t.relative_difference(state.params, one.params)
         results[name + " mesh"] = dict(trainer.mesh.shape)
+
+    # The decoder-only family (a causal LM over the batches' decoder rows) shards alike.
+    decoder_only = t.DECODER_ONLY_CONFIG
+    one, _ = t.train(t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1],
+                                    model_config=decoder_only), 3)
+    state, _ = t.train(t.make_trainer(meshes["data=2 fsdp=2 tensor=2"], jax.devices(),
+                                      model_config=decoder_only), 3)
+    results["decoder-only data=2 fsdp=2 tensor=2"] = t.relative_difference(state.params,
+                                                                           one.params)
 
     one_device = t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1])
     fsdp = t.make_trainer(t.mesh_config("fsdp"), jax.devices())
@@ -120,6 +133,10 @@ def test_every_rule_table_trains_to_the_one_device_parameters(eight_device_resul
                                                               shape):
     assert eight_device_results[mesh + " mesh"] == shape
     assert eight_device_results[mesh] <= 1e-5
+
+
+def test_the_decoder_only_family_trains_to_the_one_device_parameters(eight_device_results):
+    assert eight_device_results["decoder-only data=2 fsdp=2 tensor=2"] <= 1e-5
 
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device(eight_device_results):

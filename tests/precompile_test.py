@@ -77,6 +77,25 @@ def test_tiny_on_h100_calls_cudnn_attention_and_leaves_no_bfloat16_scatter():
     assert result["xla_flops"] is None and result["model_flops_per_step"] > 0
 
 
+def test_decoder_only_base_on_h100_calls_cudnn_once_per_layer_and_pass():
+    """The decoder-only family compiles for GPUs with the same kernels: a 128 + 32 token
+    prefix-LM row through 12 layers, FSDP over 8 H100s."""
+    result = report("--gin_file=gin/models/decoder_only_base.gin",
+                    "--gin_file=gin/runs/pretrain.gin", "--gin_file=gin/partitioning/fsdp.gin",
+                    "--gin.MIXTURE_OR_TASK_NAME='stdlib_prefix_lm'",
+                    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 32}",
+                    *BFLOAT16, "--gin.BATCH_SIZE=16", "--topology=h100:8")
+    assert (result["devices"], result["attention_kernel"], result["fits"]) == (8, "cudnn", True)
+    assert result["custom_calls"]["__cudnn$fmhaScaleBiasSoftmax"] == 12
+    assert result["custom_calls"]["__cudnn$fmhaScaleBiasSoftmaxBackward"] == 12
+    scatters = result["hazards"] + result["eval_step_hazards"]
+    assert not [hazard for hazard in scatters if hazard["type"].startswith("bf16")], scatters
+    # Per row token: 12 layers of 8 D A + 6 D F + 4 R A, and the 2 D V output projection.
+    d, a, f, row = 768, 768, 2048, 160
+    per_token = 12 * (8 * d * a + 6 * d * f + 4 * row * a) + 2 * d * 32128
+    assert result["model_flops_per_step"] == 3 * 16 * row * per_token
+
+
 def test_a_scanned_step_reports_no_roofline_as_xla_counts_a_loop_once():
     result = report(*TINY, "--gin.models.T5Config.scan_layers=True", "--gin.BATCH_SIZE=16",
                     "--topology=v5e:2x2")

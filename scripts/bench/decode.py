@@ -62,15 +62,15 @@ def measure_decode(preset: str, batch: int, inputs: int, targets: int, method: s
 def decode_timer(config, tokens_BL, targets: int, method: str,
                  options: dict) -> tuple[Callable[[], float], dict]:
     """(a function timing one call, the model's parameters): one jitted predict_batch call
-    on the int32 encoder tokens `tokens_BL`, decoding exactly `targets` tokens per row (EOS
+    on the int32 inputs `tokens_BL` (the encoder's, or a decoder-only model's prompts), decoding exactly `targets` tokens per row (EOS
     is an id no row emits, so no row stops early), waited for."""
     import jax
     from t5x_lite import models
 
-    model = models.EncoderDecoderModel(config)
+    model = models.model_for(config)
     params = jax.jit(model.init)(jax.random.key(0))
     predict = jax.jit(lambda p, t: model.predict_batch(
-        p, {"encoder_input_tokens": t}, max_decode_length=targets, method=method,
+        p, {model.inputs_key: t}, max_decode_length=targets, method=method,
         eos_id=config.vocab_size, **options))
     return lambda: timing.timed(lambda: jax.block_until_ready(predict(params, tokens_BL))), params
 

@@ -56,7 +56,7 @@ def parameter_counts(config) -> tuple[int, int]:
     import jax
     from t5x_lite import models
 
-    shapes = jax.eval_shape(models.EncoderDecoderModel(config).init, jax.random.key(0))
+    shapes = jax.eval_shape(models.model_for(config).init, jax.random.key(0))
     idle = 0  # Parameters of the experts a token does not pass through.
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
         if any(getattr(key, "key", None) == "experts" for key in path):

@@ -46,12 +46,22 @@ def model_config_of(preset: str, **overrides):
     return dataclasses.replace(config, **{"activation_dtype": jnp.float32, **overrides})
 
 
-def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int) -> dict:
+def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int,
+                        decoder_only: bool = False) -> dict:
     """Random tokens in [1, vocab_size) in every key of pipeline.BATCH_KEYS, one segment per
     row: what a fully packed batch looks like to the train step. Arrays are int32
-    [batch, inputs] (encoder_*) and [batch, targets] (decoder_*)."""
+    [batch, inputs] (encoder_*) and [batch, targets] (decoder_*); for a decoder-only model
+    the decoder_* keys alone, [batch, inputs + targets], the inputs attending as a
+    prefix-LM's."""
     import numpy as np
 
+    if decoder_only:
+        arrays = packed_shaped_batch(batch, 1, inputs + targets, vocab_size)
+        arrays = {key: value for key, value in arrays.items() if key.startswith("decoder")}
+        prefix = np.arange(inputs + targets) <= inputs
+        arrays["decoder_causal_attention"] = np.tile(prefix.astype(np.int32), (batch, 1))
+        arrays["decoder_loss_weights"] = np.tile((~prefix).astype(np.int32), (batch, 1))
+        return arrays
     rng = np.random.default_rng(0)
     arrays = {}
     for prefix, length in (("encoder", inputs), ("decoder", targets)):
@@ -83,6 +93,7 @@ def train_setup(preset: str, batch: int, inputs: int, targets: int,
     transform = optimizers.adamw if optimizer == "adamw" else optimizers.adafactor
     trainer = trainer_lib.build_trainer(config, optimizers.rsqrt_schedule(), transform,
                                         partitioning.MeshConfig(), seed=0)
-    arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size)
+    arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size,
+                                 config.decoder_only)
     device_batch = partitioning.global_batch(arrays, trainer.mesh)
     return trainer, trainer.init_state(seed=0), trainer.compile_train_step(), device_batch

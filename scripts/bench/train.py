@@ -86,9 +86,12 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     import jax.numpy as jnp
 
     model_overrides = {"activation_dtype": jnp.dtype(dtype), **overrides}
+    config = presets.model_config_of(preset, **model_overrides)
+    if compare_hf and config.decoder_only:
+        raise launch.UsageError(f"--compare-hf times transformers' T5, an encoder-decoder: "
+                                f"{preset} is decoder-only, drop --compare-hf")
     timers = {"t5x_lite": step_timer(preset, batch, inputs, targets, optimizer,
                                      **model_overrides)}
-    config = presets.model_config_of(preset, **model_overrides)
     if compare_hf:
         timers["transformers"] = hf_compare.hf_train_timer(
             config, presets.packed_shaped_batch(batch, inputs, targets, config.vocab_size))

@@ -227,6 +227,101 @@ def stdlib_docstrings_source() -> seqio.DataSource:
     return seqio.FunctionDataSource(dataset_fn, splits=STDLIB_SPLITS)
 
 
+def multiple_choice(pairs: Sequence[tuple[str, str]], num_choices: int, seed: int
+                    ) -> list[tuple[str, list[str], int]]:
+    """(input, choices, label) per pair: its target among num_choices - 1 distinct other
+    targets drawn from the other pairs, at a random position `label`."""
+    targets = sorted({target for _, target in pairs})
+    if len(targets) < num_choices:
+        raise ValueError(f"{len(targets)} distinct targets cannot make {num_choices} choices")
+    rng = np.random.default_rng(seed)
+    questions = []
+    for text, target in pairs:
+        distractors = []
+        while len(distractors) < num_choices - 1:
+            candidate = targets[rng.integers(len(targets))]
+            if candidate != target and candidate not in distractors:
+                distractors.append(candidate)
+        label = int(rng.integers(num_choices))
+        questions.append((text, distractors[:label] + [target] + distractors[label:], label))
+    return questions
+
+
+def stdlib_multiple_choice_source(num_choices: int = 4) -> seqio.DataSource:
+    """A multiple-choice task from the embedded corpus: a standard-library function, its
+    docstring removed, and num_choices docstring first lines, one its own (the others drawn
+    from other functions of the split); {"inputs", "choices", "label"}. The same questions on
+    every read."""
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, STDLIB_SPLITS)
+        questions = multiple_choice(_stdlib_summaries(split), num_choices,
+                                    STDLIB_SPLITS.index(split))
+        return _questions_dataset(questions, shuffle_files, seed)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=STDLIB_SPLITS)
+
+
+def _questions_dataset(questions: Sequence[tuple[str, Sequence[str], int]],
+                       shuffle: bool, seed: int | None) -> tf.data.Dataset:
+    if shuffle:
+        questions = [questions[i] for i in np.random.default_rng(seed).permutation(
+            len(questions))]
+    texts, choices, labels = zip(*questions)
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": tf.constant(texts, tf.string), "choices": tf.constant(choices, tf.string),
+        "label": tf.constant(labels, tf.int32)})
+
+
+def _read_questions(path: str) -> list[tuple[str, list[str], int]]:
+    """(input, choices, label) per line of a .jsonl file of {"inputs": str, "choices":
+    [str, ...], "label": int} records."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+            text, choices, label = (record.get(key) if isinstance(record, dict) else None
+                                    for key in ("inputs", "choices", "label"))
+            if not (isinstance(text, str) and isinstance(choices, list) and len(choices) >= 2
+                    and all(isinstance(c, str) for c in choices) and isinstance(label, int)):
+                raise ValueError(f"{where}: needs 'inputs' (a string), 'choices' (two or more "
+                                 "strings) and 'label' (the index of the right choice)")
+            if not 0 <= label < len(choices):
+                raise ValueError(f"{where}: label {label} is outside its {len(choices)} "
+                                 f"choices: use 0 to {len(choices) - 1}")
+            questions.append((text, choices, label))
+    return questions
+
+
+def multiple_choice_files_source(files: str | Sequence[str],
+                                 validation_files: str | Sequence[str] | None = None
+                                 ) -> seqio.DataSource:
+    """Local multiple-choice questions from `.jsonl` files, one {"inputs", "choices",
+    "label"} record per line, every question with the same number of choices. Files are
+    parsed now, so a bad one fails at registration."""
+    files_by_split = {"train": _check_files(files)}
+    if validation_files is not None:
+        files_by_split["validation"] = _check_files(validation_files)
+    by_split = {split: [q for path in paths for q in _read_questions(path)]
+                for split, paths in files_by_split.items()}
+    counts = {len(choices) for questions in by_split.values() for _, choices, _ in questions}
+    if len(counts) != 1:
+        raise ValueError(f"the questions have {' or '.join(map(str, sorted(counts))) or 'no'} "
+                         "choices: give every question the same number of choices")
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, tuple(by_split))
+        return _questions_dataset(by_split[split], shuffle_files, seed)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(by_split))
+
+
 def _pairs_dataset(pairs: Sequence[tuple[str, str]]) -> tf.data.Dataset:
     inputs, targets = zip(*pairs)
     return tf.data.Dataset.from_tensor_slices(

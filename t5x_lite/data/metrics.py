@@ -1,5 +1,6 @@
 """seqio metric functions: fn(targets, predictions) -> {name: value}, over postprocessed
-strings (or labels), every value in percent as T5 reports them.
+strings (or labels), every value in percent as T5 reports them; and score metrics,
+fn(targets, scores), over each example's summed target log-probability.
 
 BLEU is sacrebleu's corpus BLEU (13a tokenisation, exponential smoothing); ROUGE is
 rouge-score's F-measure averaged over examples, with Porter stemming as in T5.
@@ -45,6 +46,18 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float
               for target, prediction in zip(targets, predictions)]
     return {name: 100.0 * float(np.mean([score[name].fmeasure for score in scores]))
             for name in ROUGE_TYPES}
+
+
+def rank_classification_accuracy(targets: Sequence[tuple[int, bool]], scores: Sequence[float]
+                                 ) -> dict[str, float]:
+    """Percent of questions whose highest-scoring choice is a correct one. `targets` are
+    (question index, is_correct) per choice (preprocessors.rank_classification_target)."""
+    _check_lengths(targets, scores)
+    best: dict[int, tuple[float, bool]] = {}
+    for (question, is_correct), score in zip(targets, scores):
+        if question not in best or score > best[question][0]:
+            best[question] = (float(score), is_correct)
+    return {"accuracy": 100.0 * float(np.mean([correct for _, correct in best.values()]))}
 
 
 METRICS: dict[str, Callable] = {fn.__name__: fn for fn in (accuracy, sequence_accuracy, bleu,

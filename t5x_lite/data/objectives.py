@@ -71,6 +71,19 @@ class PrefixLM:
 
 
 @dataclasses.dataclass(frozen=True)
+class CausalLM:
+    """Every chunk is a target and nothing an input: a decoder-only model predicts each
+    token from those before it (no encoder-decoder can train on it)."""
+
+    concatenate_documents: bool = True
+    name: ClassVar[str] = "causal_lm"
+
+    def preprocessors(self) -> list:
+        return [functools.partial(preprocessors.split_tokens_for_causal_lm,
+                                  concatenate_documents=self.concatenate_documents)]
+
+
+@dataclasses.dataclass(frozen=True)
 class BartNoise:
     """BART's noise (see `preprocessors.bart_noise`); defaults are BART's best combination,
     text infilling of 30% of the tokens plus sentence permutation."""
@@ -167,8 +180,8 @@ class UL2:
         return components
 
 
-Objective = SpanCorruption | PrefixLM | BartNoise | UL2
-OBJECTIVES = {cls.name: cls for cls in (SpanCorruption, PrefixLM, BartNoise, UL2)}
+Objective = SpanCorruption | PrefixLM | CausalLM | BartNoise | UL2
+OBJECTIVES = {cls.name: cls for cls in (SpanCorruption, PrefixLM, CausalLM, BartNoise, UL2)}
 
 
 def get_objective(objective: "str | Objective") -> Objective:

@@ -1,4 +1,4 @@
-"""Task -> encoder-decoder features (packed or not) -> fixed-shape NumPy batches.
+"""Task -> model features (packed or not) -> fixed-shape NumPy batches.
 
 The input stream of a run is a fixed number of input shards (disjoint shares of the documents,
 each its own tf.data pipeline): the global batch is their batches concatenated in shard order,
@@ -6,8 +6,12 @@ so it is the same whatever the number of hosts that read them. Each host reads t
 rows its devices hold; each shard's position is saved by name, so a checkpoint resumes on any
 host count that divides the shard count. Assembling global arrays is left to the trainer.
 
-Batch keys (all int32): encoder_* [B, L] with L = task_feature_lengths["inputs"] and
-decoder_* [B, T] with T = task_feature_lengths["targets"].
+Batch keys (all int32). For an encoder-decoder: encoder_* [B, L] with
+L = task_feature_lengths["inputs"] and decoder_* [B, T] with T = task_feature_lengths["targets"].
+For a decoder-only model (`decoder_only`), decoder_* and decoder_causal_attention alone: a task
+with inputs becomes a prefix-LM row [B, L + T] (seqio's PrefixLMFeatureConverter: inputs and
+targets concatenated, loss on the targets, decoder_causal_attention 1 over the inputs), a task
+of targets only a causal-LM row [B, T] (LMFeatureConverter; decoder_causal_attention all 0).
 """
 import os
 import pathlib
@@ -24,10 +28,12 @@ ENCODER_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_position
 DECODER_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
                 "decoder_segment_ids", "decoder_positions")
 BATCH_KEYS = ENCODER_KEYS + DECODER_KEYS
+DECODER_ONLY_KEYS = DECODER_KEYS + ("decoder_causal_attention",)
 
 
-def check_lengths(task_feature_lengths: dict[str, int]) -> None:
-    for key in ("inputs", "targets"):
+def check_lengths(task_feature_lengths: dict[str, int],
+                  keys: tuple[str, ...] = ("inputs", "targets")) -> None:
+    for key in keys:
         if key not in task_feature_lengths:
             raise ValueError(f"task_feature_lengths needs key {key!r}, got "
                              f"{dict(task_feature_lengths)}")
@@ -46,6 +52,8 @@ def _add_unpacked_segments(features: dict[str, tf.Tensor]) -> dict[str, tf.Tenso
                                                 features["decoder_input_tokens"].dtype)
     for prefix, tokens_key in (("encoder", "encoder_input_tokens"),
                                ("decoder", "decoder_target_tokens")):
+        if tokens_key not in features:
+            continue
         is_token = tf.cast(features[tokens_key] != 0, tf.int32)
         features[f"{prefix}_segment_ids"] = is_token
         features[f"{prefix}_positions"] = tf.range(tf.size(is_token), dtype=tf.int32) * is_token
@@ -61,13 +69,59 @@ def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Ten
     return {key: pad(value) for key, value in batch.items()}
 
 
+def feature_converter(task_name: str, element_spec: dict, decoder_only: bool, pack: bool
+                      ) -> tuple[seqio.FeatureConverter, tuple[str, ...]]:
+    """(the seqio converter for the model family and the task's features, the batch keys)."""
+    has_inputs = "inputs" in element_spec
+    if not decoder_only:
+        if not has_inputs:
+            raise ValueError(
+                f"task {task_name!r} has targets only (a causal LM), which an encoder_decoder "
+                "model cannot train on: use a decoder-only model (gin/models/decoder_only_*.gin)"
+                " or an objective with inputs")
+        return seqio.EncDecFeatureConverter(pack=pack), BATCH_KEYS
+    if has_inputs:
+        return seqio.PrefixLMFeatureConverter(pack=pack), DECODER_ONLY_KEYS
+    return seqio.LMFeatureConverter(pack=pack), DECODER_ONLY_KEYS
+
+
+def has_inputs(task_name: str, split: str, task_feature_lengths: dict[str, int]) -> bool:
+    """Whether the task's examples have inputs (not a causal LM's targets alone)."""
+    dataset = task_dataset(task_name, task_feature_lengths, split=split, shuffle=False,
+                           num_epochs=1)
+    return "inputs" in dataset.element_spec
+
+
+def task_dataset(task_name: str, task_feature_lengths: dict[str, int], **options
+                 ) -> tf.data.Dataset:
+    """The task's (or mixture's) token examples, seqio's get_dataset with `options`; a
+    length its preprocessors need but TASK_FEATURE_LENGTHS lacks is a one-line error."""
+    try:
+        return tasks.get_task_or_mixture(task_name).get_dataset(
+            sequence_length=dict(task_feature_lengths), **options)
+    except KeyError as missing:
+        raise ValueError(
+            f"task {task_name!r} needs the {missing.args[0]!r} length, which "
+            f"TASK_FEATURE_LENGTHS = {dict(task_feature_lengths)} lacks: add it (e.g. "
+            "{'inputs': 512, 'targets': 114}; a decoder-only model's rows hold both)"
+            ) from None
+
+
+def converter_lengths(task_feature_lengths: dict[str, int], element_spec: dict
+                      ) -> dict[str, int]:
+    """The lengths the converter takes: a causal-LM task's targets alone; otherwise both."""
+    keys = ("inputs", "targets") if "inputs" in element_spec else ("targets",)
+    check_lengths(task_feature_lengths, keys)
+    return {key: task_feature_lengths[key] for key in keys}
+
+
 def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int],
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
-                pack: bool = True, shard_index: int = 0, num_shards: int = 1
-                ) -> tf.data.Dataset:
+                pack: bool = True, shard_index: int = 0, num_shards: int = 1,
+                decoder_only: bool = False) -> tf.data.Dataset:
     """One input shard's tf.data pipeline (shard `shard_index` of `num_shards`, `batch_size`
-    rows a batch), yielding batches of int32 tensors."""
-    check_lengths(task_feature_lengths)
+    rows a batch), yielding batches of int32 tensors in the layout of the model family."""
+    check_lengths(task_feature_lengths, ("targets",))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < num_shards:
@@ -75,19 +129,29 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
     if shuffle and seed is None and num_shards > 1:
         raise ValueError("shuffling num_shards > 1 input shards needs a seed: the shards must "
                          "agree on the document order to be disjoint")
-    provider = tasks.get_task_or_mixture(task_name)
     # Our sources list a single shard per split, so seqio shards the documents themselves before
     # any preprocessing; shards sharing a seed shuffle them alike, so they are disjoint.
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
-    dataset = provider.get_dataset(
-        sequence_length=task_feature_lengths, split=split, shuffle=shuffle, seed=seed,
+    dataset = task_dataset(
+        task_name, task_feature_lengths, split=split, shuffle=shuffle, seed=seed,
         shard_info=shard_info if num_shards > 1 else None, num_epochs=None if repeat else 1)
-    converter = seqio.EncDecFeatureConverter(pack=pack)
-    dataset = converter(dataset, task_feature_lengths)
+    return model_batches(dataset, task_name, task_feature_lengths, batch_size, pack=pack,
+                         repeat=repeat, decoder_only=decoder_only)
+
+
+def model_batches(dataset: tf.data.Dataset, task_name: str,
+                  task_feature_lengths: dict[str, int], batch_size: int, *, pack: bool,
+                  repeat: bool, decoder_only: bool) -> tf.data.Dataset:
+    """Token examples {"inputs"?, "targets"} -> batches of the model family's features
+    (`task_name` only names the examples in errors); without `repeat` the last batch is
+    padded with all-zero rows."""
+    converter, keys = feature_converter(task_name, dataset.element_spec, decoder_only, pack)
+    dataset = converter(dataset, converter_lengths(task_feature_lengths, dataset.element_spec))
     if not pack:
         dataset = dataset.map(_add_unpacked_segments, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.map(lambda features: {key: tf.cast(features[key], tf.int32)
-                                            for key in BATCH_KEYS})
+    dataset = dataset.map(lambda features: {
+        key: tf.cast(features[key], tf.int32) if key in features
+        else tf.zeros_like(features["decoder_target_tokens"], tf.int32) for key in keys})
     dataset = dataset.batch(batch_size, drop_remainder=repeat)
     if not repeat:
         dataset = dataset.map(lambda batch: _pad_batch(batch, batch_size))
@@ -178,7 +242,8 @@ def _restore_iterator(iterator, files: dict[str, bytes]) -> None:
 def get_shard_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
                       batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
                       pack: bool = True, num_shards: int = 1,
-                      shard_indices: Sequence[int] | None = None) -> ShardedBatches:
+                      shard_indices: Sequence[int] | None = None,
+                      decoder_only: bool = False) -> ShardedBatches:
     """This host's rows of each global batch of `batch_size` rows, read from `num_shards`
     input shards: shard s gives rows [s * B / S, (s + 1) * B / S) of every batch. The host
     reads `shard_indices` (default all; consecutive) and gets their rows. Other arguments as
@@ -189,16 +254,17 @@ def get_shard_batches(task_name: str, split: str, task_feature_lengths: dict[str
     shard_indices = range(num_shards) if shard_indices is None else shard_indices
     datasets = {shard_name(index, num_shards): get_dataset(
         task_name, split, task_feature_lengths, batch_size // num_shards, shuffle=shuffle,
-        seed=seed, repeat=repeat, pack=pack, shard_index=index, num_shards=num_shards)
-        for index in shard_indices}
+        seed=seed, repeat=repeat, pack=pack, shard_index=index, num_shards=num_shards,
+        decoder_only=decoder_only) for index in shard_indices}
     return ShardedBatches(datasets, endless=repeat)
 
 
 def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
-                pack: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                pack: bool = True, decoder_only: bool = False
+                ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of `task_name`/`split` read as one input shard, as int32 NumPy arrays keyed by
-    BATCH_KEYS.
+    BATCH_KEYS (DECODER_ONLY_KEYS with `decoder_only`).
 
     Args:
       task_feature_lengths: {"inputs": L, "targets": T}, tokens per row including EOS.
@@ -211,4 +277,5 @@ def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int]
         tokens) and positions so the model sees one layout.
     """
     return get_dataset(task_name, split, task_feature_lengths, batch_size, shuffle=shuffle,
-                       seed=seed, repeat=repeat, pack=pack).as_numpy_iterator()
+                       seed=seed, repeat=repeat, pack=pack,
+                       decoder_only=decoder_only).as_numpy_iterator()

@@ -245,6 +245,44 @@ def split_tokens_for_span_corruption(dataset: tf.data.Dataset, sequence_length: 
     return split_documents(dataset, tokens_length, concatenate_documents)
 
 
+# --- Rank classification ---------------------------------------------------------------------
+
+def rank_classification(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """{"inputs", "choices" [N], "label"} questions -> N examples each, one per choice:
+    {"inputs", "targets": the choice, "idx": [question, choice], "is_correct"}; a model
+    ranks the choices by their score (T5's rank_classification in eval mode)."""
+    def expand(index, question):
+        num_choices = tf.shape(question["choices"])[0]
+        choice = tf.range(num_choices)
+        return tf.data.Dataset.from_tensor_slices({
+            "inputs": tf.fill([num_choices], question["inputs"]),
+            "targets": question["choices"],
+            "idx": tf.stack([tf.fill([num_choices], tf.cast(index, tf.int32)), choice], 1),
+            "is_correct": tf.equal(choice, question["label"])})
+
+    return dataset.enumerate().flat_map(expand)
+
+
+def rank_classification_target(target, example=None, is_target: bool = False):
+    """seqio postprocess_fn: a target becomes (question index, is_correct), which
+    metrics.rank_classification_accuracy groups by question; scores pass unchanged."""
+    if not is_target:
+        return target
+    return int(example["idx"][0]), bool(example["is_correct"])
+
+
+# --- Causal LM ---------------------------------------------------------------------------------
+
+def split_tokens_for_causal_lm(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+                               concatenate_documents: bool = True) -> tf.data.Dataset:
+    """`split_documents` to targets - 1 tokens (EOS fills the row): a decoder-only model's
+    causal-LM examples, targets only."""
+    if sequence_length["targets"] < 3:
+        raise ValueError(f"task_feature_lengths['targets'] = {sequence_length['targets']} is "
+                         "too short for a causal LM: it needs targets >= 3")
+    return split_documents(dataset, sequence_length["targets"] - 1, concatenate_documents)
+
+
 # --- Prefix-LM --------------------------------------------------------------------------------
 
 def _prefix_lm_room(sequence_length: dict[str, int], num_prefix_tokens: int) -> tuple[int, int]:

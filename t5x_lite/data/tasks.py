@@ -2,11 +2,14 @@
 
 A task is a source (`corpora.py`) + an objective (`objectives.py`) + a vocabulary (`vocab.py`).
 Registered at import, named SOURCE_OBJECTIVE:
-  - stdlib_span_corruption, stdlib_ul2, stdlib_prefix_lm, stdlib_bart on the embedded corpus
+  - stdlib_span_corruption, stdlib_ul2, stdlib_prefix_lm, stdlib_causal_lm (targets only,
+    for decoder-only models), stdlib_bart on the embedded corpus
     (SentencePiece, 8000 pieces + 100 sentinels, trained on first use), and
     stdlib_span_corruption_bytes (byte vocabulary);
   - stdlib_docstrings, a supervised task on the same corpus (a function -> the first line of
     its docstring; BLEU and ROUGE), for fine-tuning;
+  - stdlib_docstring_choice, multiple choice on the same functions (which of four docstring
+    first lines is this function's), scored by rank classification (accuracy);
   - c4_span_corruption, c4_ul2, wikipedia_span_corruption, wikipedia_ul2 for TFDS data
     prepared under $TFDS_DATA_DIR.
 UL2 names a mixture of one task per denoiser ("stdlib_ul2.nlu_span3_density0.15", ...).
@@ -22,6 +25,7 @@ import seqio
 from t5x_lite.data import corpora
 from t5x_lite.data import metrics as metrics_lib
 from t5x_lite.data import objectives
+from t5x_lite.data import preprocessors
 from t5x_lite.data import vocab
 
 # Examples are shuffled after chunking, since one document yields consecutive (correlated)
@@ -44,8 +48,7 @@ def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
 
 
 def _add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
-              objective: objectives.SpanCorruption | objectives.PrefixLM | objectives.BartNoise
-              ) -> None:
+              objective: objectives.Objective) -> None:
     seqio.TaskRegistry.add(
         name,
         source=source,
@@ -115,12 +118,17 @@ def register_text_task(name: str, files, objective: str | objectives.Objective =
     A pretraining objective reads `.txt` / `.jsonl` documents (see
     `corpora.text_files_source`). objective="supervised" reads (input, target) examples from
     `.jsonl` (`input_field`, `target_field`) or `.tsv` files and evaluates predictions with
-    `metrics` (names in data.metrics.METRICS).
+    `metrics` (names in data.metrics.METRICS). objective="multiple_choice" reads
+    {"inputs", "choices", "label"} questions from `.jsonl` files, evaluated by rank
+    classification (register_multiple_choice_task).
     """
     if objective == "supervised":
         source = corpora.supervised_files_source(files, validation_files, input_field,
                                                  target_field)
         return register_supervised_task(name, source, vocabulary, metrics)
+    if objective == "multiple_choice":
+        source = corpora.multiple_choice_files_source(files, validation_files)
+        return register_multiple_choice_task(name, source, vocabulary)
     source = corpora.text_files_source(files, validation_files, text_field)
     return register_task(name, source, objective, vocabulary)
 
@@ -130,18 +138,40 @@ def register_supervised_task(name: str, source: seqio.DataSource,
                              metrics: Sequence[str] = DEFAULT_SUPERVISED_METRICS) -> str:
     """Registers (or replaces) an input -> target task over a source of {"inputs",
     "targets"} strings, evaluated by decoding and scoring `metrics` against the targets."""
-    metric_fns = metrics_lib.get_metrics(metrics)
+    return _add_evaluated_task(name, source, vocabulary, [],
+                               metrics_lib.get_metrics(metrics))
+
+
+def register_multiple_choice_task(name: str, source: seqio.DataSource,
+                                  vocabulary: seqio.Vocabulary | None = None) -> str:
+    """Registers (or replaces) a multiple-choice task over a source of {"inputs": string,
+    "choices": strings [N], "label": int} questions, evaluated by rank classification: every
+    choice is scored as a target given the inputs, and accuracy counts the questions whose
+    best-scoring choice is the label."""
+    return _add_evaluated_task(name, source, vocabulary,
+                               [preprocessors.rank_classification],
+                               [metrics_lib.rank_classification_accuracy],
+                               preprocessors.rank_classification_target)
+
+
+def _add_evaluated_task(name: str, source: seqio.DataSource,
+                        vocabulary: seqio.Vocabulary | None, first_steps: list,
+                        metric_fns: list, postprocess_fn=None) -> str:
+    """A task of {"inputs", "targets"} strings (after `first_steps`), tokenized with EOS and
+    evaluated by `metric_fns`."""
     vocabulary = vocabulary or default_vocabulary()
     _remove(name)
     seqio.TaskRegistry.add(
         name,
         source=source,
         preprocessors=[
+            *first_steps,
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True),
             seqio.preprocessors.append_eos_after_trim,
         ],
         output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
                          "targets": seqio.Feature(vocabulary, add_eos=True)},
+        postprocess_fn=postprocess_fn,
         metric_fns=metric_fns,
         shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
     )
@@ -180,11 +210,12 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
                      "my_tasks` in a gin file; README: Your own corpus)")
 
 
-for _objective in ("span_corruption", "ul2", "prefix_lm", "bart"):
+for _objective in ("span_corruption", "ul2", "prefix_lm", "causal_lm", "bart"):
     register_task(source="stdlib", objective=_objective)
 register_task("stdlib_span_corruption_bytes", "stdlib", "span_corruption",
               vocab.byte_vocabulary())
 register_supervised_task("stdlib_docstrings", corpora.stdlib_docstrings_source())
+register_multiple_choice_task("stdlib_docstring_choice", corpora.stdlib_multiple_choice_source())
 for _source in corpora.TFDS_SOURCES:
     for _objective in ("span_corruption", "ul2"):
         register_task(source=_source, objective=_objective)
