@@ -25,7 +25,6 @@ from t5x_lite import partitioning  # noqa: E402
 from t5x_lite import run_config  # noqa: E402
 from t5x_lite import trainer as trainer_lib  # noqa: E402
 from t5x_lite import warm_start  # noqa: E402
-from t5x_lite.data import pipeline  # noqa: E402
 from t5x_lite.data import tasks  # noqa: E402
 from t5x_lite.data import vocab  # noqa: E402
 
@@ -41,8 +40,7 @@ def infillings(model: models.Model, params, data: run_config.DataConfig, mesh,
     """(masked input, model fill, true fill) for the first `count` validation examples; none
     for a task without inputs (a causal LM)."""
     vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
-    if not pipeline.has_inputs(data.mixture_or_task_name, "validation",
-                               data.task_feature_lengths):
+    if not tasks.has_inputs(data.mixture_or_task_name):
         return []
     # Read with inputs and targets apart, whatever the family; shuffled with a fixed seed:
     # the first examples in file order all come from one file.

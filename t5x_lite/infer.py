@@ -96,7 +96,7 @@ def split_examples(data: run_config.DataConfig, split: str, vocabulary) -> Itera
     text and token ids ("ids" the inputs', "target_ids" the targets'). A task without inputs
     (a causal LM) gives empty inputs."""
     lengths = dict(data.task_feature_lengths)
-    with_inputs = pipeline.has_inputs(data.mixture_or_task_name, split, lengths)
+    with_inputs = tasks.has_inputs(data.mixture_or_task_name)
     for batch in pipeline.get_batches(
             data.mixture_or_task_name, split, lengths, 1, shuffle=False, seed=0,
             repeat=False, pack=False, decoder_only=not with_inputs):
@@ -145,7 +145,7 @@ def predicted(restored: warm_start.RestoredRun, rules, records: list | None, spl
               options: decoding.DecodeOptions, max_decode_length: int | None) -> list[dict]:
     """One {input, prediction, score (, target)} per example, decoded on the mesh."""
     data = restored.data
-    input_length = data.task_feature_lengths["inputs"]
+    input_length = data.prompt_length()
     decode_length = max_decode_length or data.task_feature_lengths["targets"]
     examples = (file_examples([record[0] for record in records], vocabulary, input_length)
                 if records is not None else split_examples(data, split, vocabulary))
@@ -172,7 +172,7 @@ def scored(restored: warm_start.RestoredRun, rules, records: list | None, split:
     """One {input, target, score} per example: the target's summed log-probability given
     the input, teacher forced in the model family's layout (Model.score_batch)."""
     data = restored.data
-    lengths = dict(data.task_feature_lengths)
+    lengths = {**data.task_feature_lengths, "inputs": data.prompt_length()}
     if records is not None:
         examples = ({"input": text, "target": target,
                      "ids": _token_ids(text, vocabulary, lengths["inputs"]),

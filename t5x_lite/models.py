@@ -75,6 +75,10 @@ class T5Config:
     kernel_platform: kernels_lib.Platform | None = None
     # Sparse Mixture-of-Experts MLPs in every moe.sparse_every-th layer; None: a dense model.
     moe: moe_lib.MoeConfig | None = None
+    # Decoder-only: the inputs (decoder_causal_attention positions, a prompt when decoding)
+    # attend to each other, as a prefix-LM trains; False makes every position causal, as a
+    # causal LM trains (gin/objectives/causal_lm.gin; T5X's inputs_bidirectional_attention).
+    bidirectional_inputs: bool = True
 
     def __post_init__(self):
         choices.set_parsed(self, "architecture", Architecture, "T5Config.architecture")
@@ -111,6 +115,10 @@ class T5Config:
                 f"T5Config.num_encoder_layers = {self.num_encoder_layers}, but a decoder_only "
                 "model has no encoder: bind num_encoder_layers = 0 (its depth is "
                 "num_decoder_layers), or architecture = 'encoder_decoder'")
+        if not self.decoder_only and not self.bidirectional_inputs:
+            raise ValueError("T5Config.bidirectional_inputs = False (a causal LM, "
+                             "gin/objectives/causal_lm.gin) is for decoder_only models: use a "
+                             "decoder-only preset (gin/models/decoder_only_*.gin)")
         if not self.decoder_only and self.num_encoder_layers < 1:
             raise ValueError(
                 f"T5Config.num_encoder_layers must be >= 1 for an encoder_decoder model, got "
@@ -293,8 +301,9 @@ class DecoderOnlyTransformer(Transformer):
     def __call__(self, batch: Batch, deterministic: bool = True) -> jax.Array:
         """Float32 logits [B, T, V] for every position of the batch (teacher forced)."""
         tokens_BT, segment_ids_BT = batch["decoder_input_tokens"], batch["decoder_segment_ids"]
-        causal_attention_BT = batch.get("decoder_causal_attention",
-                                        jnp.zeros_like(segment_ids_BT))
+        causal_attention_BT = jnp.zeros_like(segment_ids_BT)
+        if self.config.bidirectional_inputs:
+            causal_attention_BT = batch.get("decoder_causal_attention", causal_attention_BT)
         length = tokens_BT.shape[1]
         bias_BHTT = self.kernels.add_position_bias(
             self.decoder_relative_bias(length, length),
@@ -306,8 +315,11 @@ class DecoderOnlyTransformer(Transformer):
                          keys_valid_BS: jax.Array, prompt_length: int) -> jax.Array:
         """Logits [B, T, V] of T positions written to the cache at `offset` (a prompt at 0,
         then one generated token at a time). A position sees the cache's valid keys up to
-        itself, and every prompt key (the prompt attends bidirectionally, as the prefix-LM's
-        inputs do in training). Needs the cache created first by a call of __call__."""
+        itself and, with bidirectional_inputs, every key of the first `prompt_length` (the
+        prompt, as a prefix-LM's inputs in training). Needs the cache created first by a
+        call of __call__."""
+        if not self.config.bidirectional_inputs:
+            prompt_length = 0
         length, cache_length = tokens_BT.shape[1], self.decode_cache_length
         query_T, key_S = offset + jnp.arange(length), jnp.arange(cache_length)
         visible_TS = (key_S[None, :] <= query_T[:, None]) | (key_S[None, :] < prompt_length)

@@ -288,7 +288,8 @@ def precompile(topology_name: str) -> dict:
     """Compiles the parsed gin configuration's run for `topology_name`; its report."""
     topology = accelerators.parse_topology(topology_name)
     settings = run_settings()
-    data = settings["data"].filled(run_config.TRAINING_DEFAULTS)
+    data = settings["data"].filled(run_config.TRAINING_DEFAULTS).for_model(
+        settings["model_config"])
     devices = topology_devices(topology)
     run_config.check_batch_divides(data, settings["mesh_config"], settings["num_microbatches"],
                                    len(devices))
@@ -306,7 +307,7 @@ def precompile(topology_name: str) -> dict:
     if floor_bytes > accelerators.usable_memory_bytes(topology.chip, os.environ):
         raise launch.UsageError(state_does_not_fit(topology, trainer, floor_bytes))
     batch = abstract_batch(data.batch_size, data.row_lengths(), trainer.mesh,
-                           model_config.decoder_only)
+                           data.decoder_only)
     try:
         steps = compiled_steps(trainer, batch)
     except jax.errors.JaxRuntimeError as error:

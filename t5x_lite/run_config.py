@@ -105,10 +105,16 @@ class DataConfig:
         """(inputs, targets) tokens of a row: 0 inputs for a task of targets only (a causal
         LM, whose 'inputs' length is ignored) or where none is given."""
         targets = self.task_feature_lengths["targets"]
-        if self.decoder_only and self.mixture_or_task_name and not pipeline.has_inputs(
-                self.mixture_or_task_name, "train", self.task_feature_lengths):
+        if self.decoder_only and self.mixture_or_task_name and not tasks.has_inputs(
+                self.mixture_or_task_name):
             return 0, targets
         return self.task_feature_lengths.get("inputs", 0), targets
+
+    def prompt_length(self) -> int:
+        """Tokens of the inputs a row holds, EOS included: the 'inputs' length, or for a
+        causal-LM run (which has none) its 'targets' length."""
+        lengths = self.task_feature_lengths
+        return lengths.get("inputs", lengths["targets"])
 
     def run_settings(self) -> dict:
         return {name: getattr(self, name) for name in RUN_SETTINGS}

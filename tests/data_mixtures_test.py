@@ -137,10 +137,15 @@ def test_each_objective_follows_the_seed(objective, short_documents, small_sente
     name = tasks.register_text_task(f"mixtures_test_seed_{objective}", [short_documents],
                                     objective, small_sentencepiece_vocab, text_field="body")
 
+    # A causal LM's rows are targets only, for a decoder-only model.
+    decoder_only = objective == "causal_lm"
+    key = "decoder_target_tokens" if decoder_only else "encoder_input_tokens"
+
     def first_batches(seed):
         iterator = pipeline.get_batches(name, "train", {"inputs": 64, "targets": 64}, 4,
-                                        shuffle=True, seed=seed, repeat=True)
-        return [next(iterator)["encoder_input_tokens"] for _ in range(2)]
+                                        shuffle=True, seed=seed, repeat=True,
+                                        decoder_only=decoder_only)
+        return [next(iterator)[key] for _ in range(2)]
 
     first, again, other = first_batches(1), first_batches(1), first_batches(2)
     np.testing.assert_array_equal(first, again)
@@ -151,6 +156,7 @@ def test_each_objective_follows_the_seed(objective, short_documents, small_sente
     ("span_corruption", {"inputs": 2, "targets": 16}, "too short for span corruption"),
     ("prefix_lm", {"inputs": 16, "targets": 1}, "too short for prefix-LM"),
     ("bart", {"inputs": 64, "targets": 2}, "too short for BART noise"),
+    ("causal_lm", {"inputs": 64, "targets": 2}, "too short for a causal LM"),
     ("ul2", {"inputs": 2, "targets": 64}, "it needs inputs >= 4"),
 ])
 def test_lengths_too_short_for_the_objective_are_named(objective, lengths, message,

@@ -69,7 +69,7 @@ def test_reregistering_replaces_the_task(tmp_path):
 def test_unknown_objective_lists_the_allowed_ones(tmp_path):
     (tmp_path / "a.txt").write_text("x\n")
     with pytest.raises(ValueError, match="unknown objective 'mlm': allowed values are "
-                                         "span_corruption, prefix_lm, bart, ul2"):
+                                         "span_corruption, prefix_lm, causal_lm, bart, ul2"):
         tasks.register_text_task("data_tasks_test_bad", [str(tmp_path / "a.txt")],
                                  objective="mlm", vocabulary=vocab.byte_vocabulary())
     assert "data_tasks_test_bad" not in seqio.TaskRegistry.names()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import models
+from t5x_lite import moe
 from tests.layers_test import bucket_closed_form, gelu_tanh64, softmax64
 
 VOCAB, EOS = 8, 1
@@ -119,14 +120,34 @@ def test_prefix_lm_inputs_attend_bidirectionally_and_targets_causally(params):
     assert changed_positions(params, batch, 0, 7) == [6, 7, 8, 9]
 
 
-def test_scanned_layers_equal_the_loop(params):
+def stacked_layers(params):
+    """The loop's parameters with the layers stacked on a leading axis, as scan_layers has
+    them."""
     stacked = dict(params)
     layer_params = [stacked.pop(f"decoder_layer_{i}") for i in range(2)]
     stacked["decoder_layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layer_params)
-    scanned = models.DecoderOnlyModel(dataclasses.replace(CONFIG, scan_layers=True))
+    return stacked
+
+
+SCANNED = models.DecoderOnlyModel(dataclasses.replace(CONFIG, scan_layers=True))
+
+
+def test_scanned_layers_equal_the_loop(params):
     batch = prefix_lm_batch()
-    np.testing.assert_allclose(logits(stacked, batch, scanned), logits(params, batch),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(stacked_layers(params), batch, SCANNED),
+                               logits(params, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_scanned_layers_decode_like_the_loop(params, method):
+    """Caches stacked on a leading layers axis (beam search reorders them on axis 1) give
+    the loop's tokens and scores."""
+    options = {"beam_size": 3, "alpha": 0.6} if method == "beam" else {}
+    want = MODEL.predict_batch(params, inputs_batch(), 5, method, eos_id=EOS, **options)
+    got = SCANNED.predict_batch(stacked_layers(params), inputs_batch(), 5, method, eos_id=EOS,
+                                **options)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5)
 
 
 def test_bfloat16_activations_track_float32():
@@ -197,23 +218,54 @@ def test_exhaustive_beam_search_finds_the_brute_force_best(params):
         np.testing.assert_allclose(float(score[0]), penalised[best], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["decoder_only", "encoder_decoder"])
-def test_score_batch_sums_the_weighted_target_log_probabilities(architecture):
-    config = dataclasses.replace(CONFIG, architecture=architecture,
-                                 num_encoder_layers=2 * (architecture == "encoder_decoder"))
-    model = models.model_for(config)
-    params = model.init(jax.random.key(2))
-    rng = np.random.default_rng(3)
-    batch = {"decoder_input_tokens": rng.integers(0, VOCAB, (3, 6)).astype(np.int32),
-             "decoder_target_tokens": rng.integers(1, VOCAB, (3, 6)).astype(np.int32),
-             "decoder_loss_weights": (rng.random((3, 6)) < 0.7).astype(np.int32),
-             "decoder_segment_ids": np.ones((3, 6), np.int32),
-             "decoder_causal_attention": np.zeros((3, 6), np.int32),
-             "encoder_input_tokens": rng.integers(1, VOCAB, (3, 4)).astype(np.int32)}
-    log_probs = np.asarray(jax.nn.log_softmax(model.logits(params, batch)), np.float64)
+def test_score_batch_matches_float64_numpy_on_packed_prefix_lm_rows(params):
+    batch = prefix_lm_batch()
+    rng = np.random.default_rng(5)
+    batch["decoder_target_tokens"] = rng.integers(1, VOCAB, (2, 12)).astype(np.int32)
+    real = batch["decoder_segment_ids"] > 0
+    batch["decoder_loss_weights"] = (real & (batch["decoder_causal_attention"] == 0)
+                                     ).astype(np.int32)
+    logits64 = numpy_logits(params, batch)
+    log_probs = logits64 - np.log(np.exp(logits64 - logits64.max(-1, keepdims=True)).sum(
+        -1, keepdims=True)) - logits64.max(-1, keepdims=True)
     picked = np.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], -1)[..., 0]
     want = (picked * batch["decoder_loss_weights"]).sum(axis=1)
-    np.testing.assert_allclose(np.asarray(model.score_batch(params, batch)), want, rtol=1e-5)
+    got = MODEL.score_batch(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["decoder_only", "encoder_decoder"])
+def test_score_batch_of_a_decoded_sequence_is_its_decoding_score(architecture):
+    """Teacher forcing the greedy output, each family's score_batch gives the summed
+    log-probability that cached decoding reported for it."""
+    config = dataclasses.replace(CONFIG, architecture=architecture,
+                                 num_encoder_layers=2 * (architecture == "encoder_decoder"),
+                                 tie_embeddings=False)
+    model = models.model_for(config)
+    params = jax.tree_util.tree_map(lambda x: 3 * x, model.init(jax.random.key(2)))
+    inputs = np.asarray(inputs_batch()[MODEL.inputs_key])
+    tokens, scores = model.predict_batch(params, {model.inputs_key: jnp.asarray(inputs)}, 5,
+                                         eos_id=EOS)
+    for row, (prompt, decoded) in enumerate(zip(inputs, np.asarray(tokens))):
+        prompt, decoded = prompt[prompt > 0], decoded[:np.argmax(decoded == EOS) + 1
+                                                      if EOS in decoded else len(decoded)]
+        if architecture == "encoder_decoder":
+            batch = {"encoder_input_tokens": prompt[None],
+                     "decoder_target_tokens": decoded[None],
+                     "decoder_input_tokens": np.pad(decoded, (1, 0))[None, :-1],
+                     "decoder_loss_weights": np.ones((1, len(decoded)), np.int32)}
+        else:
+            targets = np.concatenate([prompt, decoded])[None]
+            batch = {"decoder_target_tokens": targets,
+                     "decoder_input_tokens": np.pad(targets, ((0, 0), (1, 0)))[:, :-1],
+                     "decoder_loss_weights": (np.arange(targets.shape[1]) >= len(prompt)
+                                              ).astype(np.int32)[None],
+                     "decoder_causal_attention": (np.arange(targets.shape[1]) <= len(prompt)
+                                                  ).astype(np.int32)[None]}
+        # Greedy may emit token 0, which segment ids derived from the tokens would mask.
+        batch["decoder_segment_ids"] = np.ones_like(batch["decoder_target_tokens"])
+        got = model.score_batch(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        np.testing.assert_allclose(float(got[0]), float(scores[row]), rtol=1e-5)
 
 
 def test_presets_have_t5x_parameter_counts():
@@ -244,3 +296,25 @@ def test_architecture_bindings_that_do_not_fit_are_one_line_errors():
         models.T5Config(num_encoder_layers=0)
     with pytest.raises(ValueError, match="T5Config.architecture must be one of"):
         models.T5Config(architecture="encoder_only")
+
+
+def test_a_sparse_decoder_only_model_stays_causal_when_experts_drop_tokens():
+    """MoE layers route a decoder's tokens in position order: with capacity for a few tokens
+    per expert, a later token still never changes an earlier position's logits (nor does it
+    displace one), and the loss carries the routing losses."""
+    sparse = models.DecoderOnlyModel(dataclasses.replace(CONFIG, moe=moe.MoeConfig(
+        num_experts=2, capacity_factor_eval=0.25, min_expert_capacity=1, sparse_every=1,
+        batch_prioritized_routing=True)))
+    params = sparse.init(jax.random.key(4))
+    batch = prefix_lm_batch()
+    batch["decoder_causal_attention"][:] = 0
+    before = logits(params, batch, sparse)[1]
+    after = logits(params, perturbed(batch, 1, 5), sparse)[1]
+    np.testing.assert_array_equal(after[:5], before[:5])
+    assert not np.allclose(after[5], before[5])
+    rows = {key: jnp.asarray(value) for key, value in batch.items()}
+    rows["decoder_target_tokens"] = rows["decoder_input_tokens"]
+    rows["decoder_loss_weights"] = rows["decoder_segment_ids"]
+    sums = sparse.loss_sums(params, rows)
+    assert {"moe_load_balancing_loss", "moe_router_z_loss"} <= set(sums)
+    assert float(sums["moe_load_balancing_loss"]) > 0

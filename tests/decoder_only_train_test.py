@@ -138,8 +138,14 @@ def test_an_encoder_decoder_on_a_causal_lm_task_is_one_line():
     line = error_line(run_train_command(
         *QUICK, "--gin_file=gin/objectives/causal_lm.gin",
         '--gin.TASK_FEATURE_LENGTHS={"targets": 64}'))
-    assert "has targets only (a causal LM), which an encoder_decoder model cannot train on: " \
-           "use a decoder-only model" in line
+    assert "is for decoder_only models: use a decoder-only preset" in line
+
+
+def test_an_encoder_decoder_cannot_read_a_causal_lm_task():
+    with pytest.raises(ValueError, match="has targets only .a causal LM., which an "
+                                         "encoder_decoder model cannot train on"):
+        pipeline.get_dataset("stdlib_causal_lm", "train", {"targets": 64}, 2, shuffle=False,
+                             seed=0, repeat=True)
 
 
 def test_a_decoder_only_preset_with_an_encoder_binding_is_one_line():

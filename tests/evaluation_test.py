@@ -201,10 +201,12 @@ def test_mixture_metrics_are_per_task(tmp_path):
 # --- rank classification ---------------------------------------------------------------------
 
 def test_rank_classification_accuracy_counts_questions_whose_best_choice_is_correct():
-    # Question 0: choice scores -3 (correct), -1 -> wrong; question 1: -2 (correct), -5 ->
-    # right; question 2: a tie broken by the first choice, which is correct -> right.
-    targets = [(0, True), (0, False), (1, False), (1, True), (1, False), (2, True), (2, False)]
-    scores = [-3.0, -1.0, -5.0, -2.0, -9.0, -4.0, -4.0]
+    # Question 0: the correct choice scores -3, another -1 -> wrong; question 1: -2 against
+    # -5 and -9 -> right; question 2: a tie broken by the first choice, the correct one ->
+    # right; question 3 lost a choice to an example limit and is left out.
+    targets = [(0, True), (0, False), (0, False), (1, False), (1, True), (1, False),
+               (2, True), (2, False), (2, False), (3, False), (3, True)]
+    scores = [-3.0, -1.0, -7.0, -5.0, -2.0, -9.0, -4.0, -4.0, -6.0, -8.0, -1.0]
     assert metrics.rank_classification_accuracy(targets, scores) == {
         "accuracy": pytest.approx(200 / 3)}
 

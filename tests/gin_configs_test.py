@@ -1,5 +1,6 @@
 """Every gin file parses, finalizes, and builds a model that runs a forward pass; presets have
 the published parameter counts."""
+import dataclasses
 import glob
 import os
 import subprocess
@@ -41,12 +42,17 @@ WHOLE_RUNS = ("quickstart.gin", "docstrings.gin")
 CONCRETE = {"t5_1_1_tiny", "t5_1_1_small", "t5_1_0_small"}
 
 
-def model_from_gin(files: list[str], bindings: list[str]) -> models.EncoderDecoderModel:
+# Objective files for one family, composed with its tiny preset, and the model setting each
+# makes on purpose (a causal LM decodes and scores causally).
+DECODER_ONLY_FILES = {"objectives/causal_lm.gin": {"bidirectional_inputs": False}}
+
+
+def model_from_gin(files: list[str], bindings: list[str]) -> models.Model:
     launch.parse_gin(files, bindings)
-    return models.EncoderDecoderModel(gin.get_configurable(models.T5Config)())
+    return models.model_for(gin.get_configurable(models.T5Config)())
 
 
-def forward(model: models.EncoderDecoderModel, params):
+def forward(model: models.Model, params):
     batch = {"encoder_input_tokens": jnp.ones((2, 16), jnp.int32),
              "decoder_input_tokens": jnp.ones((2, 8), jnp.int32)}
     return model.logits(params, batch)
@@ -76,14 +82,17 @@ def test_run_file_leaves_the_models_computation_alone(path):
     and leaves the model computing exactly what the preset alone computes (files never reset
     what another file set); the whole runs in gin/ train the tiny preset with their own
     vocabulary's size."""
-    includes = [] if path in WHOLE_RUNS else ["models/t5_1_1_tiny.gin"]
+    tiny = "models/decoder_only_tiny.gin" if path in DECODER_ONLY_FILES else \
+        "models/t5_1_1_tiny.gin"
+    includes = [] if path in WHOLE_RUNS else [tiny]
     model = model_from_gin(includes + [path], [] if path == "quickstart.gin" else REQUIRED_MACROS)
     assert gin.config_is_locked()
     gin.clear_config()
     vocab_size = ["models.T5Config.vocab_size = 8192"] if path in WHOLE_RUNS else []
-    preset = model_from_gin(["models/t5_1_1_tiny.gin"], vocab_size)
+    preset = model_from_gin([tiny], vocab_size)
     gin.clear_config()
-    assert model.config == preset.config
+    assert model.config == dataclasses.replace(preset.config,
+                                               **DECODER_ONLY_FILES.get(path, {}))
     params = preset.init(jax.random.key(0))
     logits = forward(model, params)
     assert bool(jnp.all(jnp.isfinite(logits)))

@@ -45,11 +45,17 @@ def make_trainer(config: partitioning.MeshConfig, devices, num_microbatches: int
 
 
 def train(trainer: trainer_lib.Trainer, steps: int, state=None, first_batch: int = 0):
-    """(state, losses) after `steps` steps on trainer_test's random batches."""
+    """(state, losses) after `steps` steps on trainer_test's random batches (for a
+    decoder-only model, prefix-LM rows whose first 2 positions attend bidirectionally)."""
     state = trainer.init_state(seed=0) if state is None else state
     step, losses = trainer.compile_train_step(), []
     for index in range(first_batch, first_batch + steps):
-        batch = partitioning.global_batch(trainer_test.random_batch(index), trainer.mesh)
+        rows = trainer_test.random_batch(index)
+        if trainer.model.config.decoder_only:
+            prefix = np.arange(rows["decoder_target_tokens"].shape[1]) < 2
+            rows["decoder_causal_attention"] = np.tile(
+                prefix, (len(rows["decoder_target_tokens"]), 1)).astype(np.int32)
+        batch = partitioning.global_batch(rows, trainer.mesh)
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return state, losses
@@ -82,7 +88,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
         results[name] = t.relative_difference(state.params, one.params)
         results[name + " mesh"] = dict(trainer.mesh.shape)
 
-    # The decoder-only family (a causal LM over the batches' decoder rows) shards alike.
+    # The decoder-only family (prefix-LM rows, the prefix mask included) shards alike.
     decoder_only = t.DECODER_ONLY_CONFIG
     one, _ = t.train(t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1],
                                     model_config=decoder_only), 3)

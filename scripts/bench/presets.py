@@ -58,9 +58,13 @@ def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int,
     if decoder_only:
         arrays = packed_shaped_batch(batch, 1, inputs + targets, vocab_size)
         arrays = {key: value for key, value in arrays.items() if key.startswith("decoder")}
-        prefix = np.arange(inputs + targets) <= inputs
-        arrays["decoder_causal_attention"] = np.tile(prefix.astype(np.int32), (batch, 1))
-        arrays["decoder_loss_weights"] = np.tile((~prefix).astype(np.int32), (batch, 1))
+        # seqio's prefix-LM layout: the start token and the inputs attend bidirectionally;
+        # the loss is on the targets' positions.
+        position = np.arange(inputs + targets)
+        arrays["decoder_causal_attention"] = np.tile((position <= inputs).astype(np.int32),
+                                                     (batch, 1))
+        arrays["decoder_loss_weights"] = np.tile((position >= inputs).astype(np.int32),
+                                                 (batch, 1))
         return arrays
     rng = np.random.default_rng(0)
     arrays = {}

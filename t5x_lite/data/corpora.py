@@ -251,19 +251,23 @@ def stdlib_multiple_choice_source(num_choices: int = 4) -> seqio.DataSource:
     """A multiple-choice task from the embedded corpus: a standard-library function, its
     docstring removed, and num_choices docstring first lines, one its own (the others drawn
     from other functions of the split); {"inputs", "choices", "label"}. The same questions on
-    every read."""
+    every read; the train split's hold their right choice only."""
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         _check_split(split, STDLIB_SPLITS)
         questions = multiple_choice(_stdlib_summaries(split), num_choices,
                                     STDLIB_SPLITS.index(split))
-        return _questions_dataset(questions, shuffle_files, seed)
+        return _questions_dataset(questions, split, shuffle_files, seed)
 
     return seqio.FunctionDataSource(dataset_fn, splits=STDLIB_SPLITS)
 
 
-def _questions_dataset(questions: Sequence[tuple[str, Sequence[str], int]],
+def _questions_dataset(questions: Sequence[tuple[str, Sequence[str], int]], split: str,
                        shuffle: bool, seed: int | None) -> tf.data.Dataset:
+    """The questions as {"inputs", "choices", "label"}; the train split's keep only their
+    right choice, so that training (rank classification's train mode) sees no distractor."""
+    if split == "train":
+        questions = [(text, [choices[label]], 0) for text, choices, label in questions]
     if shuffle:
         questions = [questions[i] for i in np.random.default_rng(seed).permutation(
             len(questions))]
@@ -303,8 +307,9 @@ def multiple_choice_files_source(files: str | Sequence[str],
                                  validation_files: str | Sequence[str] | None = None
                                  ) -> seqio.DataSource:
     """Local multiple-choice questions from `.jsonl` files, one {"inputs", "choices",
-    "label"} record per line, every question with the same number of choices. Files are
-    parsed now, so a bad one fails at registration."""
+    "label"} record per line, every question with the same number of choices (the train
+    split's keep their right choice only). Files are parsed now, so a bad one fails at
+    registration."""
     files_by_split = {"train": _check_files(files)}
     if validation_files is not None:
         files_by_split["validation"] = _check_files(validation_files)
@@ -317,7 +322,7 @@ def multiple_choice_files_source(files: str | Sequence[str],
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         _check_split(split, tuple(by_split))
-        return _questions_dataset(by_split[split], shuffle_files, seed)
+        return _questions_dataset(by_split[split], split, shuffle_files, seed)
 
     return seqio.FunctionDataSource(dataset_fn, splits=tuple(by_split))
 

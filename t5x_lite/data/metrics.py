@@ -51,13 +51,19 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float
 def rank_classification_accuracy(targets: Sequence[tuple[int, bool]], scores: Sequence[float]
                                  ) -> dict[str, float]:
     """Percent of questions whose highest-scoring choice is a correct one. `targets` are
-    (question index, is_correct) per choice (preprocessors.rank_classification_target)."""
+    (question index, is_correct) per choice (preprocessors.rank_classification_target). A
+    question with fewer choices scored than the others (cut by an example limit) is left
+    out."""
     _check_lengths(targets, scores)
     best: dict[int, tuple[float, bool]] = {}
+    counts: dict[int, int] = {}
     for (question, is_correct), score in zip(targets, scores):
+        counts[question] = counts.get(question, 0) + 1
         if question not in best or score > best[question][0]:
             best[question] = (float(score), is_correct)
-    return {"accuracy": 100.0 * float(np.mean([correct for _, correct in best.values()]))}
+    whole = [best[question][1] for question, count in counts.items()
+             if count == max(counts.values())]
+    return {"accuracy": 100.0 * float(np.mean(whole))}
 
 
 METRICS: dict[str, Callable] = {fn.__name__: fn for fn in (accuracy, sequence_accuracy, bleu,

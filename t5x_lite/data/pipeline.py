@@ -85,13 +85,6 @@ def feature_converter(task_name: str, element_spec: dict, decoder_only: bool, pa
     return seqio.LMFeatureConverter(pack=pack), DECODER_ONLY_KEYS
 
 
-def has_inputs(task_name: str, split: str, task_feature_lengths: dict[str, int]) -> bool:
-    """Whether the task's examples have inputs (not a causal LM's targets alone)."""
-    dataset = task_dataset(task_name, task_feature_lengths, split=split, shuffle=False,
-                           num_epochs=1)
-    return "inputs" in dataset.element_spec
-
-
 def task_dataset(task_name: str, task_feature_lengths: dict[str, int], **options
                  ) -> tf.data.Dataset:
     """The task's (or mixture's) token examples, seqio's get_dataset with `options`; a

@@ -40,11 +40,12 @@ def default_vocabulary() -> seqio.Vocabulary:
     return vocab.sentencepiece_vocabulary()
 
 
-def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-    return {
-        "inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
-        "targets": seqio.Feature(vocabulary, add_eos=True),
-    }
+def _output_features(vocabulary: seqio.Vocabulary, with_inputs: bool = True
+                     ) -> dict[str, seqio.Feature]:
+    features = {"targets": seqio.Feature(vocabulary, add_eos=True)}
+    if with_inputs:
+        features["inputs"] = seqio.Feature(vocabulary, add_eos=True, required=False)
+    return features
 
 
 def _add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
@@ -58,7 +59,8 @@ def _add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
             *objective.preprocessors(),
             seqio.preprocessors.append_eos_after_trim,
         ],
-        output_features=_output_features(vocabulary),
+        output_features=_output_features(
+            vocabulary, with_inputs=not isinstance(objective, objectives.CausalLM)),
         metric_fns=[],
         shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
     )
@@ -188,6 +190,13 @@ def register_mixture(name: str, tasks_and_rates) -> str:
     _remove(name)
     seqio.MixtureRegistry.add(name, list(tasks_and_rates))
     return name
+
+
+def has_inputs(name: str) -> bool:
+    """Whether the task or mixture `name` declares an inputs feature (a causal-LM task has
+    targets only), read from its registration: no data is touched."""
+    return any("inputs" in task.output_features
+               for task in seqio.get_subtasks(get_task_or_mixture(name)))
 
 
 def targets_vocabulary(name: str) -> seqio.Vocabulary:
