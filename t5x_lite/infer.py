@@ -50,12 +50,6 @@ class Mode(enum.Enum):
     SCORE = "score"  # the target's summed log-probability given the input; nothing decoded
 
 
-def read_inputs(path: str, input_field: str = "inputs") -> list[str]:
-    """The inputs of a file: each non-empty line of a .txt file, or `input_field` of each
-    line of a .jsonl file."""
-    return [record[0] for record in read_records(path, {input_field: "input_field"})]
-
-
 def read_records(path: str, fields: dict[str, str]) -> list[tuple[str, ...]]:
     """The `fields` (JSON field -> the run() argument naming it) of each line of a .jsonl
     file; of a .txt file, each non-empty line, when one field is asked."""
