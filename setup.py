@@ -29,6 +29,8 @@ setuptools.setup(
     # the CUDA plugin with cuDNN only (jax builds cuDNN attention only where it can read
     # cuDNN's version; cuDNN brings cuBLAS). The plugin's `with-cuda` set is not needed to
     # compile, only to run.
-    extras_require={"test": ["pytest", "torch", "transformers"],
+    # pytest-xdist: scripts/test.sh runs the suite in two processes, one per core (most of
+    # it is single-threaded XLA compilation).
+    extras_require={"test": ["pytest", "pytest-xdist", "torch", "transformers"],
                     "aot": ["libtpu", "jax-cuda12-plugin", "nvidia-cudnn-cu12"]},
 )
