@@ -1,11 +1,12 @@
-"""Converts between t5x_lite checkpoints and Hugging Face T5 directories (safetensors only).
+"""Converts between t5x_lite checkpoints and Hugging Face T5 / LongT5 directories (safetensors
+only).
 
   # A MODEL_DIR's newest checkpoint -> a directory transformers' from_pretrained loads. The
   # model's architecture comes from the run's MODEL_DIR/config.gin unless --gin_file is given;
   # a SentencePiece vocabulary of its task goes along as a tokenizer AutoTokenizer loads.
   python scripts/convert_hf.py to-hf --model_dir /tmp/run --out /tmp/run_hf
 
-  # A Hugging Face T5 / T5 v1.1 / mT5 directory -> a MODEL_DIR with a step-0 parameter
+  # A Hugging Face T5 / T5 v1.1 / mT5 / LongT5 directory -> a MODEL_DIR with a step-0 parameter
   # checkpoint and model.gin (its architecture and, given a spiece.model, its vocabulary),
   # for t5x_lite.eval / infer or INIT_FROM.
   python scripts/convert_hf.py from-hf --hf_dir /tmp/t5-small --model_dir /tmp/t5_small
@@ -101,8 +102,9 @@ def to_hf(args: argparse.Namespace) -> None:
     step, params = restored_params(model, args.model_dir)
     hf.save_t5(model, params, args.out, tokenizer)
     count = models.count_parameters(params)
+    architecture = hf.config_to_hf(model.config)["architectures"][0]
     print(f"Wrote the step-{step} parameters of {args.model_dir} ({count:,} parameters) to "
-          f"{args.out} as a transformers T5ForConditionalGeneration, {tokenizer_note}.")
+          f"{args.out} as a transformers {architecture}, {tokenizer_note}.")
 
 
 def gin_of(config: models.T5Config, spiece: tuple[str, int] | None = None) -> str:
@@ -121,6 +123,10 @@ def gin_of(config: models.T5Config, spiece: tuple[str, int] | None = None) -> st
                   "relative_attention_max_distance", "layer_norm_epsilon"):
         lines.append(f"  {field} = {getattr(config, field)!r}")
     lines.append(f"  activation = {activation}")
+    if config.long_encoder:  # LongT5
+        lines += [f"  encoder_attention = {config.encoder_attention.value!r}",
+                  f"  local_radius = {config.local_radius!r}",
+                  f"  global_block_size = {config.global_block_size!r}"]
     if spiece:
         # The README's way to name a SentencePiece model: every task registered from gin
         # (MIXTURE_OR_TASK_NAME = @tasks.register_task(), gin/objectives/) tokenizes with it.

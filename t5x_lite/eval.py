@@ -38,9 +38,9 @@ EVAL_DIR = "eval"
 def infillings(model: models.Model, params, data: run_config.DataConfig, mesh,
                rules, count: int) -> list[tuple[str, str, str]]:
     """(masked input, model fill, true fill) for the first `count` validation examples; none
-    for a task without inputs (a causal LM)."""
+    for a task without inputs (a causal LM) or a model that generates nothing (encoder-only)."""
     vocabulary = tasks.targets_vocabulary(data.mixture_or_task_name)
-    if not tasks.has_inputs(data.mixture_or_task_name):
+    if not tasks.has_inputs(data.mixture_or_task_name) or model.config.encoder_only:
         return []
     # Read with inputs and targets apart, whatever the family; shuffled with a fixed seed:
     # the first examples in file order all come from one file.
@@ -75,9 +75,11 @@ def run(model_config: models.T5Config = gin.REQUIRED,
     eval_step = trainer_lib.compile_eval_step(
         model, mesh, trainer_lib.param_shardings(model, mesh, rules), rules)
     scores = run_config.validation_scores(eval_step, params, data, mesh, eval_steps)
+    # A classifier's targets are its rows' labels; a masked LM's, the masked tokens.
+    counted = "rows" if model_config.num_classes else "target tokens"
     say(f"Checkpoint step {step}: validation loss {scores['loss']:.4f}  "
-        f"token accuracy {scores['accuracy']:.4f}  "
-        f"({scores['target_tokens']:,.0f} target tokens)")
+        f"{'accuracy' if model_config.num_classes else 'token accuracy'} "
+        f"{scores['accuracy']:.4f}  ({scores['target_tokens']:,.0f} {counted})")
     for line in metrics_io.format_moe_lines(scores):
         say(line)
     supervised = evaluation.has_metrics(data.mixture_or_task_name)
@@ -94,8 +96,9 @@ def run(model_config: models.T5Config = gin.REQUIRED,
                 ("infilling", "input (spans masked)", "model fill", "true fill"))
     examples = infillings(model, params, data, mesh, rules, num_infillings)
     if num_infillings and not examples:
-        say(f"Task {data.mixture_or_task_name!r} has no inputs (a causal LM): no examples "
-            "to show; its validation loss above is the measure.")
+        why = ("the model is encoder-only, it generates nothing" if model_config.encoder_only
+               else f"task {data.mixture_or_task_name!r} has no inputs (a causal LM)")
+        say(f"No examples to show: {why}; the validation loss above is the measure.")
     for index, (masked, predicted, truth) in enumerate(examples):
         # Outputs are short: one line each, newlines escaped, to compare by eye.
         say(f"\n--- {headings[0]} {index + 1} ---\n{headings[1]}:\n{masked}\n"

@@ -112,20 +112,28 @@ def has_metrics(task_name: str) -> bool:
 class TaskMetrics:
     """The metrics of one task or mixture split; the examples are read once, at creation, in
     the model family's layout (`decoder_only`: prefix-LM rows, whose inputs are the
-    decoder_causal_attention positions but the first)."""
+    decoder_causal_attention positions but the first). A classification task's examples are
+    a classifier's rows, its predictions one class id each (the argmax of its head)."""
 
     def __init__(self, task_name: str, split: str, task_feature_lengths: dict[str, int],
                  batch_size: int, max_examples: int | None = None, decoder_only: bool = False):
-        pipeline.check_lengths(task_feature_lengths)
+        classification = bool(tasks.num_classes(task_name))
+        pipeline.check_lengths(task_feature_lengths,
+                               ("inputs",) if classification else ("inputs", "targets"))
         self.batch_size = batch_size
         self.input_length = task_feature_lengths["inputs"]
-        self.decode_length = task_feature_lengths["targets"]
+        self.decode_length = 1 if classification else task_feature_lengths["targets"]
         self._decoder_only = decoder_only
-        converter = (seqio.PrefixLMFeatureConverter if decoder_only
-                     else seqio.EncDecFeatureConverter)(pack=False)
+        if classification:
+            converter = pipeline.ClassificationFeatureConverter(pack=False)
+            sequence_length = {"inputs": self.input_length, "targets": 1}
+        else:
+            converter = (seqio.PrefixLMFeatureConverter if decoder_only
+                         else seqio.EncDecFeatureConverter)(pack=False)
+            sequence_length = dict(task_feature_lengths)
         self._evaluator = seqio.Evaluator(
             task_name, converter, eval_split=split,
-            sequence_length=dict(task_feature_lengths), num_examples=max_examples,
+            sequence_length=sequence_length, num_examples=max_examples,
             use_memory_cache=True, async_compute_metrics=False)
         if not self._evaluator.eval_tasks:
             raise ValueError(f"{task_name!r} has no task with metric functions and a {split!r} "

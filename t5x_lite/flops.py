@@ -46,6 +46,23 @@ def _mlp_forward(config: models.T5Config, layer_index: int) -> int:
     return experts + 2 * config.d_model * moe.num_experts + extra
 
 
+def encoder_attention_per_row(config: models.T5Config, inputs: int) -> int:
+    """Forward FLOPs of one encoder layer's attention products (scores and weighted values)
+    for a row of L = `inputs` tokens: 4 L^2 A for full attention. LongT5's queries, padded
+    to whole blocks of C = local_radius + 1, each see 3C keys and, with transient-global
+    attention, the G = L // global_block_size global tokens, whose keys and values cost
+    4 G D A more."""
+    a = config.num_heads * config.head_dim
+    if not config.long_encoder:
+        return 4 * inputs * inputs * a
+    block = config.local_radius + 1
+    padded = -(-inputs // block) * block
+    globals_ = 0
+    if config.transient_global:
+        globals_ = inputs // config.global_block_size
+    return 4 * padded * (3 * block + globals_) * a + 4 * globals_ * config.d_model * a
+
+
 def model_flops_per_step(config: models.T5Config, batch: int, inputs: int,
                          targets: int) -> float:
     """Matmul FLOPs of one train step (forward + backward = 3 x forward) for `batch` rows of
@@ -57,18 +74,28 @@ def model_flops_per_step(config: models.T5Config, batch: int, inputs: int,
                          per encoder token:   4 D A  (the cross-attention keys and values)
       output projection, per decoder token:   2 D V
     Attention counts the whole L x L and T x T products: packing and causal masks skip no
-    work. A decoder-only model's rows hold R = L + T tokens (L = 0 for a causal LM), each
-    costing 8 D A + M + 4 R A per layer and 2 D V for the output projection."""
+    work. A LongT5 encoder's 4 L A per token is encoder_attention_per_row / L instead. A
+    decoder-only model's rows hold R = L + T tokens (L = 0 for a causal LM), each costing
+    8 D A + M + 4 R A per layer and 2 D V for the output projection. An encoder-only model's
+    rows hold L tokens (T = 0): the encoder's cost plus its head, 2 D V per token for a
+    masked LM, 2 D C per row for a classifier of C = num_classes."""
     d, a = config.d_model, config.num_heads * config.head_dim
     if config.decoder_only:
         row = inputs + targets
         token = sum(8 * d * a + _mlp_forward(config, i) + 4 * row * a
                     for i in range(config.num_decoder_layers)) + 2 * d * config.vocab_size
         return 3.0 * batch * row * token
-    encoder_token = sum(8 * d * a + _mlp_forward(config, i) + 4 * inputs * a
+    encoder_token = sum(8 * d * a + _mlp_forward(config, i)
                         for i in range(config.num_encoder_layers))
+    encoder_attention = config.num_encoder_layers * encoder_attention_per_row(config, inputs)
+    if config.encoder_only:
+        # The head: masked-LM logits at every position, or a classifier's C logits per row.
+        head = (2 * d * config.num_classes if config.num_classes
+                else inputs * 2 * d * config.vocab_size)
+        return 3.0 * batch * (inputs * encoder_token + encoder_attention + head)
     decoder_token = sum(12 * d * a + _mlp_forward(config, i) + 4 * targets * a + 4 * inputs * a
                         for i in range(config.num_decoder_layers)) + 2 * d * config.vocab_size
     cross_keys_values = config.num_decoder_layers * 4 * d * a
-    forward = batch * (inputs * (encoder_token + cross_keys_values) + targets * decoder_token)
+    forward = batch * (inputs * (encoder_token + cross_keys_values) + encoder_attention
+                       + targets * decoder_token)
     return 3.0 * forward

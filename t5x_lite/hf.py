@@ -1,5 +1,5 @@
-"""Hugging Face T5 import and export: a `transformers` T5 / T5 v1.1 / mT5 checkpoint directory
-(config.json + safetensors) to a t5x_lite model and parameters, and back.
+"""Hugging Face T5 import and export: a `transformers` T5 / T5 v1.1 / mT5 / LongT5 checkpoint
+directory (config.json + safetensors) to a t5x_lite model and parameters, and back.
 
 Only safetensors are read or written: a directory holding only pytorch_model.bin (a pickle)
 is refused. Torch Linear weights are [out, in]; t5x_lite kernels are [in, out] with the
@@ -21,6 +21,7 @@ import safetensors.numpy
 from flax import traverse_util
 from sentencepiece import sentencepiece_model_pb2
 
+from t5x_lite import layers
 from t5x_lite import models
 
 CONFIG_FILE = "config.json"
@@ -30,7 +31,15 @@ SPIECE_FILE = "spiece.model"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-SUPPORTED_MODEL_TYPES = ("t5", "mt5")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "longt5")
+# LongT5's encoder_attention_type <-> T5Config.encoder_attention.
+LONGT5_ATTENTION = {"local": layers.EncoderAttention.LOCAL,
+                    "transient-global": layers.EncoderAttention.TRANSIENT_GLOBAL}
+# The name of an encoder layer's self-attention module, by its kind.
+_ENCODER_ATTENTION_MODULES = {layers.EncoderAttention.FULL: "SelfAttention",
+                              layers.EncoderAttention.LOCAL: "LocalSelfAttention",
+                              layers.EncoderAttention.TRANSIENT_GLOBAL:
+                                  "TransientGlobalSelfAttention"}
 
 # HF dense_act_fn name <-> the activation t5x_lite applies. HF's "gated-gelu" means gated
 # "gelu_new", the tanh approximation, which is jax.nn.gelu's default.
@@ -107,8 +116,21 @@ def config_from_hf(hf_config: dict, tensor_names: set[str] = frozenset(),
         relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6))
+    if model_type == "longt5":
+        fields.update(_longt5_fields(hf_config))
     fields.update(overrides)
     return models.T5Config(**fields)
+
+
+def _longt5_fields(hf_config: dict) -> dict:
+    """The T5Config fields of a LongT5 config.json's encoder attention."""
+    kind = hf_config.get("encoder_attention_type", "local")
+    if kind not in LONGT5_ATTENTION:
+        raise HFFormatError(f"encoder_attention_type {kind!r} is not LongT5's: t5x_lite reads "
+                            f"{' and '.join(LONGT5_ATTENTION)}")
+    return {"encoder_attention": LONGT5_ATTENTION[kind],
+            "local_radius": hf_config.get("local_radius", 127),
+            "global_block_size": hf_config.get("global_block_size", 16)}
 
 
 def activation_name(activation) -> str | None:
@@ -122,10 +144,12 @@ def activation_name(activation) -> str | None:
 
 
 def config_to_hf(config: models.T5Config) -> dict:
-    """A transformers T5 config.json (dict) for a t5x_lite T5Config."""
-    if config.decoder_only:
-        raise HFFormatError("transformers' T5 is an encoder-decoder: a decoder_only model has "
-                            "no T5 checkpoint to export to (its parameters stay in MODEL_DIR)")
+    """A transformers T5 config.json (dict) for a t5x_lite T5Config; LongT5's for a model
+    whose encoder attends as LongT5's does."""
+    if config.architecture is not models.Architecture.ENCODER_DECODER:
+        raise HFFormatError(f"transformers' T5 is an encoder-decoder: a "
+                            f"{config.architecture.value} model has no T5 checkpoint to export "
+                            "to (its parameters stay in MODEL_DIR)")
     if config.moe is not None:
         raise HFFormatError("transformers' T5 has no Mixture-of-Experts layers: only dense "
                             "models can be exported")
@@ -134,6 +158,12 @@ def config_to_hf(config: models.T5Config) -> dict:
         raise HFFormatError(f"activation {config.activation} has no transformers T5 "
                             f"equivalent: use jax.nn.relu or jax.nn.gelu")
     projection = ("gated-" if config.gated_mlp else "") + name
+    longt5 = {}
+    if config.long_encoder:
+        kind = {value: key for key, value in LONGT5_ATTENTION.items()}[config.encoder_attention]
+        longt5 = {"architectures": ["LongT5ForConditionalGeneration"], "model_type": "longt5",
+                  "encoder_attention_type": kind, "local_radius": config.local_radius,
+                  "global_block_size": config.global_block_size}
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.head_dim,
@@ -144,7 +174,7 @@ def config_to_hf(config: models.T5Config) -> dict:
         "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
         "feed_forward_proj": projection, "tie_word_embeddings": config.tie_embeddings,
         "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1,
-        "decoder_start_token_id": 0,
+        "decoder_start_token_id": 0, **longt5,
     }
 
 
@@ -155,15 +185,19 @@ _PROJECTIONS = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 def _layer_names(config: models.T5Config, stack: str, index: int) -> dict[str, tuple]:
     """HF tensor name -> t5x_lite parameter path for one encoder or decoder layer."""
     prefix, ours = f"{stack}.block.{index}.layer", f"{stack}_layer_{index}"
+    names = {}
     if stack == "encoder":
-        attentions = (("0.SelfAttention", "attention", "0", "pre_attention_norm"),)
+        module = _ENCODER_ATTENTION_MODULES[config.encoder_attention]
+        attentions = ((f"0.{module}", "attention", "0", "pre_attention_norm"),)
         mlp_index = 1
+        if config.transient_global:
+            names[f"{prefix}.0.{module}.global_input_layer_norm.weight"] = (
+                ours, "attention", "global_input_norm", "scale")
     else:
         attentions = (("0.SelfAttention", "self_attention", "0", "pre_self_attention_norm"),
                       ("1.EncDecAttention", "encoder_decoder_attention", "1",
                        "pre_cross_attention_norm"))
         mlp_index = 2
-    names = {}
     for hf_block, our_block, norm_index, our_norm in attentions:
         for hf_proj, our_proj in _PROJECTIONS:
             names[f"{prefix}.{hf_block}.{hf_proj}.weight"] = (ours, our_block, our_proj,
@@ -182,9 +216,15 @@ def parameter_names(config: models.T5Config) -> dict[str, tuple]:
     names = {"shared.weight": ("token_embedder", "embedding"),
              "encoder.final_layer_norm.weight": ("encoder_norm", "scale"),
              "decoder.final_layer_norm.weight": ("decoder_norm", "scale")}
-    for stack in ("encoder", "decoder"):
-        names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
-            f"{stack}_relative_bias", "rel_embedding")
+    encoder_attention = ("encoder.block.0.layer.0."
+                         + _ENCODER_ATTENTION_MODULES[config.encoder_attention])
+    names[f"{encoder_attention}.relative_attention_bias.weight"] = ("encoder_relative_bias",
+                                                                    "rel_embedding")
+    names["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        "decoder_relative_bias", "rel_embedding")
+    if config.transient_global:
+        names[f"{encoder_attention}.global_relative_attention_bias.weight"] = (
+            "encoder_global_relative_bias", "rel_embedding")
     for index in range(config.num_encoder_layers):
         names.update(_layer_names(config, "encoder", index))
     for index in range(config.num_decoder_layers):
@@ -284,9 +324,9 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: models.T5Config)
 
 
 def load_t5(hf_dir: str, **config_overrides) -> tuple[models.EncoderDecoderModel, dict]:
-    """(model, params) of a transformers T5 / T5 v1.1 / mT5 directory. `config_overrides`
-    replace T5Config fields that do not change parameter shapes (dropout_rate,
-    activation_dtype, remat_policy, z_loss)."""
+    """(model, params) of a transformers T5 / T5 v1.1 / mT5 / LongT5 directory.
+    `config_overrides` replace T5Config fields that do not change parameter shapes
+    (dropout_rate, activation_dtype, remat_policy, z_loss)."""
     hf_config = read_config(hf_dir)
     config_from_hf(hf_config)  # an unsupported architecture is reported before any reading
     tensors = read_tensors(hf_dir)

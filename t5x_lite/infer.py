@@ -113,6 +113,10 @@ def run(model_config: models.T5Config = gin.REQUIRED,
     `max_decode_length` defaults to the targets length of TASK_FEATURE_LENGTHS (the training
     run's, unless bound)."""
     mode = choices.parse(Mode, mode, "INFER_MODE")
+    if model_config.encoder_only:
+        raise ValueError("t5x_lite.infer decodes or scores targets, which an encoder_only "
+                         "model has none of: evaluate it with t5x_lite.eval (validation loss "
+                         "and accuracy; a classifier's accuracy on its task)")
     method = decoding.parse_method(method)
     options = decoding.DecodeOptions(**(decode_options or {}))
     fields = {input_field: "input_field"}

@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def examples(task_name: str, split: str, lengths: dict[str, int], count: int,
              seed: int) -> list[dict[str, np.ndarray]]:
-    """The first `count` examples of a shuffled pass, as the model sees them before packing."""
+    """The first `count` examples of a shuffled pass, as the model sees them before packing
+    (an encoder-only model's tasks at its rows' 'inputs' length)."""
+    if tasks.is_masked_lm(task_name) or tasks.num_classes(task_name):
+        lengths = pipeline.encoder_only_lengths(lengths)
     pipeline.check_lengths(lengths)
     provider = tasks.get_task_or_mixture(task_name)
     dataset = provider.get_dataset(sequence_length=lengths, split=split, shuffle=True,
@@ -48,14 +51,16 @@ def examples(task_name: str, split: str, lengths: dict[str, int], count: int,
 
 
 def describe(task_name: str, split: str, lengths: dict[str, int], count: int, seed: int) -> str:
-    vocabulary = tasks.targets_vocabulary(task_name)
+    vocabulary, classes = tasks.text_vocabulary(task_name), tasks.num_classes(task_name)
     blocks = [f"{task_name} ({split}), lengths {lengths}, vocabulary "
               f"{type(vocabulary).__name__} of {vocabulary.vocab_size} ids"]
     for index, example in enumerate(examples(task_name, split, lengths, count, seed)):
+        targets = (f"label {int(example['targets'][0])} of {classes}" if classes else
+                   repr(vocab.show_ids(vocabulary, example["targets"])))
         blocks.append(f"--- example {index + 1}: {len(example['inputs'])} input tokens, "
                       f"{len(example['targets'])} target tokens ---\n"
                       f"inputs:  {vocab.show_ids(vocabulary, example['inputs'])!r}\n"
-                      f"targets: {vocab.show_ids(vocabulary, example['targets'])!r}")
+                      f"targets: {targets}")
     return "\n".join(blocks)
 
 

@@ -8,6 +8,7 @@ D model, H heads, K head dim, F mlp, V vocab, R relative-position buckets.
 """
 import dataclasses
 import enum
+import functools
 import inspect
 from typing import Callable
 
@@ -137,6 +138,48 @@ def mask_to_bias(mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(mask, 0.0, MASKED_LOGIT).astype(dtype)
 
 
+def attention_projection(config: LayerConfig, name: str, stddev_scale: float) -> nn.Einsum:
+    """The query, key or value projection [B, T, D] -> [B, T, H, K] named `name`."""
+    init = nn.initializers.variance_scaling(stddev_scale, "fan_in", "normal",
+                                            in_axis=-3, out_axis=(-2, -1))
+    return nn.Einsum((config.d_model, config.num_heads, config.head_dim), "BTD,DHK->BTHK",
+                     use_bias=False, name=name, dtype=config.dtype,
+                     kernel_init=partitioned(init, ("embed", "heads", "kv")))
+
+
+def output_projection(config: LayerConfig) -> Callable[[jax.Array], jax.Array]:
+    """The attention's output projection "out": context [B, T, H, K] -> [B, T, D]."""
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(-3, -2),
+                                            out_axis=-1)
+    einsum = nn.Einsum((config.num_heads, config.head_dim, config.d_model), "BTHK,HKD->BTD",
+                       use_bias=False, name="out", dtype=config.dtype,
+                       kernel_init=partitioned(init, ("heads", "kv", "embed")))
+    return lambda context_BTHK: constrain(einsum(context_BTHK), ("batch", "length", "embed"))
+
+
+def attend(config: LayerConfig, query_BTHK: jax.Array, key_BSHK: jax.Array,
+           value_BSHK: jax.Array, bias_BHTS: jax.Array, deterministic: bool) -> jax.Array:
+    """The context [B, T, H, K]: the backend's attention kernel, or with dropout on the
+    weights (training, dropout_rate > 0) the einsums spelled out, through autodiff. Call from
+    within a compact method: the dropout belongs to the calling module."""
+    if deterministic or not config.dropout_rate:
+        return config.kernels.attend(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
+    logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
+    return softmax_dropout_attend(config, logits_BHTS, bias_BHTS, "BSHK", value_BSHK,
+                                  deterministic)
+
+
+def softmax_dropout_attend(config: LayerConfig, logits_BHTS: jax.Array, bias_BHTS: jax.Array,
+                           values_layout: str, values: jax.Array,
+                           deterministic: bool) -> jax.Array:
+    """The context [B, T, H, K]: softmax(logits + bias) over S, dropout, times the values."""
+    # Softmax in float32: bfloat16 loses the small probabilities that long contexts need.
+    logits_BHTS = logits_BHTS.astype(jnp.float32) + bias_BHTS.astype(jnp.float32)
+    weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(config.dtype)
+    weights_BHTS = nn.Dropout(config.dropout_rate)(weights_BHTS, deterministic=deterministic)
+    return jnp.einsum(f"BHTS,{values_layout}->BTHK", weights_BHTS, values)
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(K) logit scaling (it is folded into the query initialiser).
 
@@ -157,14 +200,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, inputs_q_BTD: jax.Array, inputs_kv_BSD: jax.Array, bias_BHTS: jax.Array,
                  deterministic: bool) -> jax.Array:
         cfg = self.config
-
-        def projection(name: str, stddev_scale: float) -> nn.Einsum:
-            init = nn.initializers.variance_scaling(stddev_scale, "fan_in", "normal",
-                                                    in_axis=-3, out_axis=(-2, -1))
-            return nn.Einsum((cfg.d_model, cfg.num_heads, cfg.head_dim), "BTD,DHK->BTHK",
-                             use_bias=False, name=name, dtype=cfg.dtype,
-                             kernel_init=partitioned(init, ("embed", "heads", "kv")))
-
+        projection = functools.partial(attention_projection, cfg)
         query_BTHK = constrain(projection("query", 1.0 / cfg.head_dim)(inputs_q_BTD),
                                ("batch", "length", "heads", "kv"))
         if self.cache_projected_inputs or self.cache_length:
@@ -173,37 +209,16 @@ class MultiHeadAttention(nn.Module):
             key_BHKS, value_BHSK = self._decoding_keys_values(
                 inputs_kv_BSD, lambda name: projection(name, 1.0))
             logits_BHTS = jnp.einsum("BTHK,BHKS->BHTS", query_BTHK, key_BHKS)
-            context_BTHK = self._attend(logits_BHTS, bias_BHTS, "BHSK", value_BHSK,
-                                        deterministic)
+            context_BTHK = softmax_dropout_attend(cfg, logits_BHTS, bias_BHTS, "BHSK",
+                                                  value_BHSK, deterministic)
         else:
             key_BSHK = constrain(projection("key", 1.0)(inputs_kv_BSD),
                                  ("batch", "length", "heads", "kv"))
             value_BSHK = constrain(projection("value", 1.0)(inputs_kv_BSD),
                                    ("batch", "length", "heads", "kv"))
-            if deterministic or not cfg.dropout_rate:
-                context_BTHK = cfg.kernels.attend(query_BTHK, key_BSHK, value_BSHK, bias_BHTS)
-            else:  # Dropout on the weights: spelled out, through autodiff.
-                logits_BHTS = jnp.einsum("BTHK,BSHK->BHTS", query_BTHK, key_BSHK)
-                context_BTHK = self._attend(logits_BHTS, bias_BHTS, "BSHK", value_BSHK,
-                                            deterministic)
-
-        out_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
-                                                    in_axis=(-3, -2), out_axis=-1)
-        output_BTD = nn.Einsum(
-            (cfg.num_heads, cfg.head_dim, cfg.d_model), "BTHK,HKD->BTD", use_bias=False,
-            name="out", dtype=cfg.dtype,
-            kernel_init=partitioned(out_init, ("heads", "kv", "embed")))(context_BTHK)
-        return constrain(output_BTD, ("batch", "length", "embed"))
-
-    def _attend(self, logits_BHTS: jax.Array, bias_BHTS: jax.Array, values_layout: str,
-                values: jax.Array, deterministic: bool) -> jax.Array:
-        """The context [B, T, H, K]: softmax(logits + bias) over S, times the values."""
-        # Softmax in float32: bfloat16 loses the small probabilities that long contexts need.
-        logits_BHTS = logits_BHTS.astype(jnp.float32) + bias_BHTS.astype(jnp.float32)
-        weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(self.config.dtype)
-        weights_BHTS = nn.Dropout(self.config.dropout_rate)(weights_BHTS,
-                                                            deterministic=deterministic)
-        return jnp.einsum(f"BHTS,{values_layout}->BTHK", weights_BHTS, values)
+            context_BTHK = attend(cfg, query_BTHK, key_BSHK, value_BSHK, bias_BHTS,
+                                  deterministic)
+        return output_projection(cfg)(context_BTHK)
 
     def _decoding_keys_values(self, inputs_kv_BSD: jax.Array, projection: Callable
                               ) -> tuple[jax.Array, jax.Array]:
@@ -332,26 +347,42 @@ def feed_forward(x_BTD: jax.Array, valid_BT: jax.Array, deterministic: bool,
                            deterministic)
 
 
+class EncoderAttention(enum.Enum):
+    """T5Config.encoder_attention: what an encoder token attends to (LongT5, Guo et al. 2022,
+    in long_attention.py for the other two)."""
+
+    FULL = "full"  # every token of its segment (T5)
+    LOCAL = "local"  # the tokens of its segment within local_radius of it
+    # Those, and one global token per global_block_size tokens of its segment: their sum.
+    TRANSIENT_GLOBAL = "transient_global"
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then MLP: an encoder's layer, and a decoder-only model's (whose bias
     makes it causal). `valid_BL` marks real (non-padding) tokens for sparse MLPs. With
     `cache_length` > 0 (decoder-only decoding) the self-attention keeps a key/value cache of
-    that many positions, as DecoderLayer's does."""
+    that many positions, as DecoderLayer's does. `attention_block` replaces MultiHeadAttention
+    by LongT5's (long_attention.LongSelfAttention, whose bias is a LongAttentionBias)."""
 
     config: LayerConfig
     mlp_block: Callable[..., nn.Module] = Mlp
     extra_dense_mlp: bool = False
     cache_length: int = 0
+    attention_block: Callable[..., nn.Module] | None = None
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, bias_BHLL: jax.Array, valid_BL: jax.Array,
+    def __call__(self, x_BLD: jax.Array, bias_BHLL, valid_BL: jax.Array,
                  deterministic: bool) -> jax.Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed_BLD = rms_norm(cfg, "pre_attention_norm")(x_BLD)
-        x_BLD = x_BLD + dropout(
-            MultiHeadAttention(cfg, self.cache_length, name="attention")(
-                normed_BLD, normed_BLD, bias_BHLL, deterministic), deterministic)
+        if self.attention_block is None:
+            attended_BLD = MultiHeadAttention(cfg, self.cache_length, name="attention")(
+                normed_BLD, normed_BLD, bias_BHLL, deterministic)
+        else:
+            attended_BLD = self.attention_block(cfg, name="attention")(
+                normed_BLD, bias_BHLL, deterministic)
+        x_BLD = x_BLD + dropout(attended_BLD, deterministic)
         x_BLD = feed_forward(x_BLD, valid_BL, deterministic, cfg, self.mlp_block,
                              self.extra_dense_mlp)
         return constrain(x_BLD, ("batch", "length", "embed"))

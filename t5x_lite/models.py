@@ -1,17 +1,21 @@
-"""The T5 model families, encoder-decoder and decoder-only: configuration, Flax modules, and
-the model objects that training, evaluation and decoding use (loss, logits, score_batch,
-predict_batch). Knows nothing of meshes or gin.
+"""The T5 model families, encoder-decoder, decoder-only and encoder-only: their configuration
+and the model objects that training, evaluation and decoding use (loss, logits, score_batch,
+predict_batch) around the Flax networks of networks.py. Knows nothing of meshes or gin.
 
 Batches are dicts of int32 arrays. Encoder-decoder: encoder_input_tokens / encoder_segment_ids
 [B, L] and decoder_input_tokens / decoder_target_tokens / decoder_loss_weights /
 decoder_segment_ids [B, T]. Decoder-only: the decoder_* keys alone, over inputs and targets
 concatenated (T = L + targets for prefix-LM), plus decoder_causal_attention [B, T], 1 on the
-positions that attend bidirectionally (the inputs; all 0 for a causal LM). Segment id 0 marks
-padding; packed rows hold several examples with ids 1, 2, ...
+positions that attend bidirectionally (the inputs; all 0 for a causal LM). Encoder-only, masked
+LM: encoder_input_tokens / encoder_target_tokens / encoder_loss_weights / encoder_segment_ids
+[B, L], the loss on the masked positions; classification (num_classes > 0): encoder_input_tokens
+/ encoder_segment_ids [B, L] of one example per row, and classification_labels /
+classification_weights [B, 1] (each row's label as a one-position target, so the loss and
+metrics of every family apply unchanged). Segment id 0 marks padding; packed rows hold several
+examples with ids 1, 2, ...
 """
 import dataclasses
 import enum
-import functools
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
@@ -24,6 +28,7 @@ from t5x_lite import decoding
 from t5x_lite import kernels as kernels_lib
 from t5x_lite import layers
 from t5x_lite import moe as moe_lib
+from t5x_lite import networks
 from t5x_lite import ops
 
 Params = Any
@@ -38,13 +43,18 @@ class Architecture(enum.Enum):
     # One stack of self-attention layers over inputs and targets concatenated: a causal LM,
     # or a prefix-LM whose inputs attend bidirectionally (T5X's DecoderOnlyModel).
     DECODER_ONLY = "decoder_only"
+    # T5's encoder alone (bidirectional self-attention), BERT-style: a masked-LM head over
+    # every position, or with num_classes > 0 a pooled classification head.
+    ENCODER_ONLY = "encoder_only"
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """Architecture of a T5 model. Defaults are T5 v1.1 small (an encoder-decoder); a
     decoder-only model binds architecture = 'decoder_only', num_encoder_layers = 0 and its
-    stack's depth as num_decoder_layers (gin/models/decoder_only_*.gin)."""
+    stack's depth as num_decoder_layers (gin/models/decoder_only_*.gin); an encoder-only one
+    architecture = 'encoder_only', num_decoder_layers = 0 and its depth as num_encoder_layers
+    (gin/models/encoder_only_*.gin)."""
 
     architecture: Architecture = Architecture.ENCODER_DECODER
     vocab_size: int = 32128
@@ -79,11 +89,21 @@ class T5Config:
     # attend to each other, as a prefix-LM trains; False makes every position causal, as a
     # causal LM trains (gin/objectives/causal_lm.gin; T5X's inputs_bidirectional_attention).
     bidirectional_inputs: bool = True
+    # Encoder-only: 0 gives the masked-LM head (logits over the vocabulary at every position);
+    # > 0 a classification head of that many classes over each row's pooled encoding.
+    num_classes: int = 0
+    # LongT5 (Guo et al. 2022; long_attention.py): the encoder's self-attention, 'full' (T5),
+    # 'local' (each token sees its segment's tokens within local_radius, in blocks of
+    # local_radius + 1 tokens: memory linear in the length) or 'transient_global' (that, and
+    # one global token per global_block_size tokens of its segment). The decoder is T5's.
+    encoder_attention: layers.EncoderAttention = layers.EncoderAttention.FULL
+    local_radius: int = 127
+    global_block_size: int = 16
 
     def __post_init__(self):
         choices.set_parsed(self, "architecture", Architecture, "T5Config.architecture")
         positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
-                    "num_decoder_layers", "relative_attention_num_buckets",
+                    "relative_attention_num_buckets",
                     "relative_attention_max_distance")
         for name in positive:
             if getattr(self, name) < 1:
@@ -98,6 +118,7 @@ class T5Config:
             raise ValueError(f"T5Config.activation_dtype must be float32 or bfloat16, got "
                              f"{self.activation_dtype}")
         choices.set_parsed(self, "remat_policy", layers.RematPolicy, "T5Config.remat_policy")
+        self._check_encoder_attention()
         for name, choice_type in (("attention", kernels_lib.Attention),
                                   ("kernel_platform", kernels_lib.Platform)):
             choices.set_parsed(self, name, choice_type, f"T5Config.{name}", auto=True)
@@ -108,6 +129,48 @@ class T5Config:
         if self.moe is not None and self.scan_layers:
             raise ValueError("T5Config.scan_layers needs identical layers, but moe makes some "
                              "sparse: set T5Config.scan_layers = False for MoE models")
+
+    def _check_encoder_attention(self) -> None:
+        choices.set_parsed(self, "encoder_attention", layers.EncoderAttention,
+                           "T5Config.encoder_attention")
+        for name in ("local_radius", "global_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"T5Config.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_only and self.long_encoder:
+            raise ValueError(
+                f"T5Config.encoder_attention = {self.encoder_attention.value!r} is LongT5's "
+                "encoder attention, but a decoder_only model has no encoder (LongT5's decoder "
+                "attends fully): bind encoder_attention = 'full', or use an encoder_decoder "
+                "model (gin/models/longt5_*.gin)")
+
+    def check_encoder_length(self, length: int) -> None:
+        """ValueError unless LongT5's blocks fit encoder inputs of `length` tokens. The model
+        itself takes any length (a short one is padded to a block, as Hugging Face's LongT5
+        does, and has no global token when shorter than a global block); a run whose inputs
+        are that short is misconfigured: its attention costs more than full attention, or its
+        transient-global attention is local attention."""
+        if not self.long_encoder:
+            return
+        if self.local_radius >= length:
+            raise ValueError(
+                f"T5Config.local_radius = {self.local_radius} does not fit encoder inputs of "
+                f"{length} tokens (its blocks of local_radius + 1 tokens would be longer than "
+                f"the inputs): bind local_radius < {length}, or encoder_attention = 'full'")
+        if self.transient_global and self.global_block_size > length:
+            raise ValueError(
+                f"T5Config.global_block_size = {self.global_block_size} does not fit encoder "
+                f"inputs of {length} tokens (no global token would exist): bind "
+                f"global_block_size <= {length}")
+
+    @property
+    def long_encoder(self) -> bool:
+        """Whether the encoder attends as LongT5's does (local or transient-global)."""
+        return self.encoder_attention is not layers.EncoderAttention.FULL
+
+    @property
+    def transient_global(self) -> bool:
+        """Whether the encoder's LongT5 attention also attends to global tokens."""
+        return self.encoder_attention is layers.EncoderAttention.TRANSIENT_GLOBAL
 
     def _check_architecture(self) -> None:
         if self.decoder_only and self.num_encoder_layers:
@@ -121,13 +184,32 @@ class T5Config:
                              "decoder-only preset (gin/models/decoder_only_*.gin)")
         if not self.decoder_only and self.num_encoder_layers < 1:
             raise ValueError(
-                f"T5Config.num_encoder_layers must be >= 1 for an encoder_decoder model, got "
-                f"{self.num_encoder_layers}: bind architecture = 'decoder_only' for a model "
-                "without an encoder")
+                f"T5Config.num_encoder_layers must be >= 1 for an {self.architecture.value} "
+                f"model, got {self.num_encoder_layers}: bind architecture = 'decoder_only' for "
+                "a model without an encoder")
+        if self.encoder_only and self.num_decoder_layers:
+            raise ValueError(
+                f"T5Config.num_decoder_layers = {self.num_decoder_layers}, but an encoder_only "
+                "model has no decoder: bind num_decoder_layers = 0 (its depth is "
+                "num_encoder_layers), or architecture = 'encoder_decoder'")
+        if not self.encoder_only and self.num_decoder_layers < 1:
+            raise ValueError(
+                f"T5Config.num_decoder_layers must be >= 1 for an {self.architecture.value} "
+                f"model, got {self.num_decoder_layers}: bind architecture = 'encoder_only' for "
+                "a model without a decoder")
+        if self.num_classes < 0 or (self.num_classes and not self.encoder_only):
+            raise ValueError(
+                f"T5Config.num_classes = {self.num_classes}: a classification head (> 0) is "
+                "for encoder_only models (gin/models/encoder_only_*.gin); 0 keeps the "
+                "model's language-model head")
 
     @property
     def decoder_only(self) -> bool:
         return self.architecture is Architecture.DECODER_ONLY
+
+    @property
+    def encoder_only(self) -> bool:
+        return self.architecture is Architecture.ENCODER_ONLY
 
     def kernels(self) -> kernels_lib.Kernels:
         return kernels_lib.resolve(self.kernel_platform, self.attention, self.activation_dtype,
@@ -139,202 +221,6 @@ class T5Config:
             d_ff=self.d_ff, activation=self.activation, gated_mlp=self.gated_mlp,
             dropout_rate=self.dropout_rate, dtype=self.activation_dtype,
             layer_norm_epsilon=self.layer_norm_epsilon, kernels=self.kernels())
-
-
-class Transformer(nn.Module):
-    """Encoder and decoder stacks sharing one token embedding. With `decode_cache_length`
-    > 0 the decoder keeps a key/value cache of that many positions (see decode)."""
-
-    config: T5Config
-    decode_cache_length: int = 0
-
-    def setup(self):
-        cfg, layer_cfg = self.config, self.config.layer_config()
-        self._setup_embedding_and_head(layer_cfg)
-        self.encoder_relative_bias = self._relative_bias(True, "encoder_relative_bias")
-        self.decoder_relative_bias = self._relative_bias(False, "decoder_relative_bias")
-        self.encoder_layers = self._stack(layers.EncoderLayer, cfg.num_encoder_layers,
-                                          "encoder_layer", causal=False)
-        self.decoder_layers = self._stack(layers.DecoderLayer, cfg.num_decoder_layers,
-                                          "decoder_layer", causal=True,
-                                          cache_length=self.decode_cache_length)
-        self.encoder_norm = layers.rms_norm(layer_cfg, "encoder_norm")
-
-    def _setup_embedding_and_head(self, layer_cfg: layers.LayerConfig) -> None:
-        """What both families share: the kernels, token embedding, final norm, dropout and
-        (untied) logits projection."""
-        cfg = self.config
-        self.kernels = layer_cfg.kernels
-        self.token_embedder = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
-            embedding_init=layers.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
-        self.decoder_norm = layers.rms_norm(layer_cfg, "decoder_norm")
-        self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        if not cfg.tie_embeddings:
-            self.logits_dense = layers.Kernel(
-                (cfg.d_model, cfg.vocab_size),
-                layers.partitioned(
-                    nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                    ("embed", "vocab")), name="logits_dense")
-
-    def _relative_bias(self, bidirectional: bool, name: str) -> layers.RelativePositionBias:
-        cfg = self.config
-        return layers.RelativePositionBias(
-            cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-            cfg.num_heads, bidirectional, cfg.activation_dtype, self.kernels.precision,
-            name=name)
-
-    def _stack(self, layer_class: type[nn.Module], num_layers: int, name: str, causal: bool,
-               **fields):
-        """num_layers layers named f"{name}_{i}" (sparse where the MoE config says), or with
-        scan_layers one module f"{name}s" whose parameters carry a leading layers axis."""
-        cfg = self.config
-        layer = layers.rematerialised(layer_class, cfg.remat_policy, cfg.scan_layers)
-        if cfg.scan_layers:
-            return layer(cfg.layer_config(), name=f"{name}s", **fields)
-        return [layer(cfg.layer_config(), name=f"{name}_{i}", **fields,
-                      **self._mlp_of(i, causal)) for i in range(num_layers)]
-
-    def _mlp_of(self, layer_index: int, causal: bool) -> dict:
-        """The MLP arguments of layer `layer_index`: sparse where the MoE config says so."""
-        config = self.config.moe
-        if config is None or not config.is_sparse(layer_index):
-            return {}
-        return {"mlp_block": functools.partial(moe_lib.SparseMlp, moe=config, causal=causal),
-                "extra_dense_mlp": config.extra_dense_mlp}
-
-    def _embed(self, tokens_BT: jax.Array) -> jax.Array:
-        """Token embeddings [B, T, D] in the activation dtype (kernels.Kernels.embed)."""
-        return self.kernels.embed(self.token_embedder.embedding, tokens_BT,
-                                  self.config.activation_dtype)
-
-    def encode(self, encoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array,
-               deterministic: bool = True) -> jax.Array:
-        """Returns the encoded inputs [B, L, D]."""
-        x_BLD = self.dropout(self._embed(encoder_input_tokens), deterministic)
-        length = encoder_input_tokens.shape[1]
-        bias_BHLL = self.kernels.add_position_bias(
-            self.encoder_relative_bias(length, length),
-            layers.mask_to_bias(layers.attention_mask(
-                encoder_segment_ids, encoder_segment_ids, causal=False),
-                self.config.activation_dtype))
-        x_BLD = self._run_stack(self.encoder_layers, self.config.num_encoder_layers, x_BLD,
-                                bias_BHLL, encoder_segment_ids, deterministic)
-        return self.dropout(self.encoder_norm(x_BLD), deterministic)
-
-    def _run_stack(self, stack, num_layers: int, x: jax.Array, *shared) -> jax.Array:
-        """Runs a layer stack on x; `shared` (biases, encoder output, segment ids,
-        deterministic) is the same for every layer."""
-        if self.config.scan_layers:
-            return layers.scan_layers(stack, num_layers, x, *shared)
-        for layer in stack:
-            x = layer(x, *shared)
-        return x
-
-    def decode(self, encoded_BLD: jax.Array, encoder_segment_ids: jax.Array,
-               decoder_input_tokens: jax.Array, decoder_segment_ids: jax.Array,
-               deterministic: bool = True, decode_position: jax.Array | None = None
-               ) -> jax.Array:
-        """Returns float32 logits [B, T, V] for every decoder position.
-
-        Cached decoding (decode_cache_length > 0, "cache" mutable): a first call without
-        `decode_position` creates the cache (an empty self-attention cache, and the projected
-        encoder output); then each call passes one token per row [B, 1] at
-        `decode_position`, which attends to the cache up to that position.
-        """
-        cfg = self.config
-        dtype = cfg.activation_dtype
-        y_BTD = self.dropout(self._embed(decoder_input_tokens), deterministic)
-        length = decoder_input_tokens.shape[1]
-        if decode_position is None:
-            self_bias_BHTT = self.kernels.add_position_bias(
-                self.decoder_relative_bias(length, length),
-                layers.mask_to_bias(layers.attention_mask(
-                    decoder_segment_ids, decoder_segment_ids, causal=True), dtype))
-        else:
-            cache_length = self.decode_cache_length
-            written_S = jnp.arange(cache_length) <= decode_position
-            self_bias_BHTT = (self.decoder_relative_bias(length, cache_length, decode_position)
-                              + layers.mask_to_bias(written_S[None, None, None, :], dtype))
-        cross_bias_BHTL = layers.mask_to_bias(layers.attention_mask(
-            decoder_segment_ids, encoder_segment_ids, causal=False), dtype)
-        y_BTD = self._run_stack(self.decoder_layers, cfg.num_decoder_layers, y_BTD, encoded_BLD,
-                                self_bias_BHTT, cross_bias_BHTL, decoder_segment_ids,
-                                deterministic)
-        return self._logits(y_BTD, deterministic)
-
-    def _logits(self, y_BTD: jax.Array, deterministic: bool) -> jax.Array:
-        """Float32 logits [B, T, V] of the last layer's output: final norm, then the logits
-        projection (or the tied embedding)."""
-        cfg = self.config
-        y_BTD = self.dropout(self.decoder_norm(y_BTD), deterministic)
-        if cfg.tie_embeddings:
-            # T5 v1.0 rescales before the tied projection (Mesh TensorFlow's convention).
-            logits_BTV = self.token_embedder.attend(y_BTD * cfg.d_model ** -0.5)
-        else:
-            logits_BTV = self.kernels.project(y_BTD, self.logits_dense(), cfg.activation_dtype)
-        return layers.constrain(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
-
-    def __call__(self, batch: Batch, deterministic: bool = True) -> jax.Array:
-        encoded_BLD = self.encode(batch["encoder_input_tokens"], batch["encoder_segment_ids"],
-                                  deterministic)
-        return self.decode(encoded_BLD, batch["encoder_segment_ids"],
-                           batch["decoder_input_tokens"], batch["decoder_segment_ids"],
-                           deterministic)
-
-
-class DecoderOnlyTransformer(Transformer):
-    """One stack of self-attention layers over inputs and targets concatenated; its bias is
-    causal, except among decoder_causal_attention positions (a prefix-LM's inputs), which
-    see each other. With `decode_cache_length` > 0 each layer keeps a key/value cache of that
-    many positions (see cached_positions)."""
-
-    def setup(self):
-        cfg, layer_cfg = self.config, self.config.layer_config()
-        self._setup_embedding_and_head(layer_cfg)
-        # Unidirectional buckets, as T5X's decoder-only: later prefix positions share bucket 0.
-        self.decoder_relative_bias = self._relative_bias(False, "decoder_relative_bias")
-        self.decoder_layers = self._stack(layers.EncoderLayer, cfg.num_decoder_layers,
-                                          "decoder_layer", causal=True,
-                                          cache_length=self.decode_cache_length)
-
-    def __call__(self, batch: Batch, deterministic: bool = True) -> jax.Array:
-        """Float32 logits [B, T, V] for every position of the batch (teacher forced)."""
-        tokens_BT, segment_ids_BT = batch["decoder_input_tokens"], batch["decoder_segment_ids"]
-        causal_attention_BT = jnp.zeros_like(segment_ids_BT)
-        if self.config.bidirectional_inputs:
-            causal_attention_BT = batch.get("decoder_causal_attention", causal_attention_BT)
-        length = tokens_BT.shape[1]
-        bias_BHTT = self.kernels.add_position_bias(
-            self.decoder_relative_bias(length, length),
-            layers.mask_to_bias(layers.prefix_lm_mask(segment_ids_BT, causal_attention_BT),
-                                self.config.activation_dtype))
-        return self._stack_logits(tokens_BT, bias_BHTT, segment_ids_BT, deterministic)
-
-    def cached_positions(self, tokens_BT: jax.Array, offset: jax.Array | int,
-                         keys_valid_BS: jax.Array, prompt_length: int) -> jax.Array:
-        """Logits [B, T, V] of T positions written to the cache at `offset` (a prompt at 0,
-        then one generated token at a time). A position sees the cache's valid keys up to
-        itself and, with bidirectional_inputs, every key of the first `prompt_length` (the
-        prompt, as a prefix-LM's inputs in training). Needs the cache created first by a
-        call of __call__."""
-        if not self.config.bidirectional_inputs:
-            prompt_length = 0
-        length, cache_length = tokens_BT.shape[1], self.decode_cache_length
-        query_T, key_S = offset + jnp.arange(length), jnp.arange(cache_length)
-        visible_TS = (key_S[None, :] <= query_T[:, None]) | (key_S[None, :] < prompt_length)
-        mask_BHTS = keys_valid_BS[:, None, None, :] & visible_TS[None, None]
-        bias_BHTS = (self.decoder_relative_bias(length, cache_length, offset)
-                     + layers.mask_to_bias(mask_BHTS, self.config.activation_dtype))
-        valid_BT = jax.lax.dynamic_slice_in_dim(keys_valid_BS, offset, length, axis=1)
-        return self._stack_logits(tokens_BT, bias_BHTS, valid_BT.astype(jnp.int32), True)
-
-    def _stack_logits(self, tokens_BT: jax.Array, bias_BHTS: jax.Array,
-                      segment_ids_BT: jax.Array, deterministic: bool) -> jax.Array:
-        x_BTD = self.dropout(self._embed(tokens_BT), deterministic)
-        x_BTD = self._run_stack(self.decoder_layers, self.config.num_decoder_layers, x_BTD,
-                                bias_BHTS, segment_ids_BT, deterministic)
-        return self._logits(x_BTD, deterministic)
 
 
 def segment_ids_of(tokens: jax.Array) -> jax.Array:
@@ -379,13 +265,27 @@ def cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """What both families share: pure functions of (params, batch) around the Flax module
+    """What the families share: pure functions of (params, batch) around the Flax module
     (init, logits, loss, score_batch, predict_batch). Each family adds its `module` and
-    `cached_decoder`; model_for picks the family."""
+    `cached_decoder` (the encoder-only family, which generates nothing, its own
+    predict_batch) and names its targets' keys; model_for picks the family."""
 
     config: T5Config
     # The predict_batch key of the inputs [B, L] (EOS-terminated, zero-padded).
     inputs_key: ClassVar[str] = "encoder_input_tokens"
+    # The batch keys of the targets the loss and score_batch count, and of their weights.
+    targets_key: ClassVar[str] = "decoder_target_tokens"
+    weights_key: ClassVar[str] = "decoder_loss_weights"
+
+    def targets_and_weights(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """The batch's targets and loss weights in this family's keys; a batch of another
+        family's layout is a one-line error."""
+        missing = [key for key in (self.targets_key, self.weights_key) if key not in batch]
+        if missing:
+            raise ValueError(f"{type(self).__name__} reads its targets from "
+                             f"{self.targets_key} and {self.weights_key}, but the batch has "
+                             f"{', '.join(sorted(batch))}: build it for this model family")
+        return batch[self.targets_key], batch[self.weights_key]
 
     def _init_batch(self) -> Batch:
         # Two tokens: a length every attention kernel takes (cuDNN's backward needs even).
@@ -425,9 +325,9 @@ class Model:
         """Summed loss terms (see cross_entropy_sums); an MoE model's auxiliary losses and
         routing metrics are added as per-batch values times the target weight, so that
         dividing by the weight, as for every other sum, gives them back."""
+        targets_BT, weights_BT = self.targets_and_weights(batch)
         logits_BTV, layer_metrics = self.logits_and_moe_metrics(params, batch, dropout_rng)
-        sums = cross_entropy_sums(logits_BTV, batch["decoder_target_tokens"],
-                                  batch["decoder_loss_weights"], self.config.z_loss,
+        sums = cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.config.z_loss,
                                   self.config.kernels().cross_entropy)
         if layer_metrics:
             moe_sums = moe_lib.metric_sums(layer_metrics, self.config.moe, sums["weight"])
@@ -443,12 +343,13 @@ class Model:
 
     def score_batch(self, params: Params, batch: Batch) -> jax.Array:
         """Float32 [B]: each row's summed log-probability (natural log) of its target tokens
-        under teacher forcing, counting the positions decoder_loss_weights marks (a packed
-        row sums over its examples)."""
+        under teacher forcing, counting the positions its weights (weights_key) mark (a packed
+        row sums over its examples). A masked LM: the masked positions' original tokens given
+        the masked row; a classifier: the label's log-probability."""
+        targets_BT, weights_BT = self.targets_and_weights(batch)
         log_probs_BTV = jax.nn.log_softmax(self.logits(params, batch))
-        targets_BT = batch["decoder_target_tokens"]
         token_BT = jnp.take_along_axis(log_probs_BTV, targets_BT[..., None], axis=-1)[..., 0]
-        return jnp.sum(token_BT * batch["decoder_loss_weights"].astype(jnp.float32), axis=1)
+        return jnp.sum(token_BT * weights_BT.astype(jnp.float32), axis=1)
 
     def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 64,
                       method: decoding.Method | str = decoding.Method.GREEDY, eos_id: int = 1,
@@ -483,13 +384,14 @@ class EncoderDecoderModel(Model):
     """A T5 encoder-decoder."""
 
     @property
-    def module(self) -> Transformer:
-        return Transformer(self.config)
+    def module(self) -> networks.Transformer:
+        return networks.Transformer(self.config)
 
     def encode(self, params: Params, batch: Batch) -> jax.Array:
         batch = with_segment_ids(batch)
         return self.module.apply({"params": params}, batch["encoder_input_tokens"],
-                                 batch["encoder_segment_ids"], method=Transformer.encode)
+                                 batch["encoder_segment_ids"],
+                                 method=networks.Transformer.encode)
 
     def cached_decoder(self, params: Params, batch: Batch, max_decode_length: int,
                        copies: int = 1) -> tuple[decoding.StepFn, Any]:
@@ -500,14 +402,14 @@ class EncoderDecoderModel(Model):
         batch = with_segment_ids(batch)
         encoded_RLD = jnp.repeat(self.encode(params, batch), copies, axis=0)
         segment_ids = jnp.repeat(batch["encoder_segment_ids"], copies, axis=0)
-        module = Transformer(self.config, decode_cache_length=max_decode_length)
+        module = networks.Transformer(self.config, decode_cache_length=max_decode_length)
 
         def run_decoder(tokens, cache=None, position=None):
             variables = {"params": params} if cache is None else {"params": params,
                                                                    "cache": cache}
             return module.apply(variables, encoded_RLD, segment_ids, tokens,
                                 jnp.ones_like(tokens), decode_position=position,
-                                method=Transformer.decode, mutable=["cache"])
+                                method=networks.Transformer.decode, mutable=["cache"])
 
         # A call on one position creates the cache; its logits are not used.
         cache = run_decoder(jnp.zeros((encoded_RLD.shape[0], 1), jnp.int32))[1]["cache"]
@@ -527,8 +429,8 @@ class DecoderOnlyModel(Model):
     inputs_key: ClassVar[str] = "decoder_prompt_tokens"
 
     @property
-    def module(self) -> DecoderOnlyTransformer:
-        return DecoderOnlyTransformer(self.config)
+    def module(self) -> networks.DecoderOnlyTransformer:
+        return networks.DecoderOnlyTransformer(self.config)
 
     def _init_batch(self) -> Batch:
         tokens = jnp.ones((1, 2), jnp.int32)
@@ -548,7 +450,7 @@ class DecoderOnlyModel(Model):
         prompt_RP, valid_RP = (jnp.repeat(prompt_RP, copies, axis=0),
                                jnp.repeat(valid_RP, copies, axis=0))
         rows, prompt_length = prompt_RP.shape
-        module = DecoderOnlyTransformer(self.config,
+        module = networks.DecoderOnlyTransformer(self.config,
                                         decode_cache_length=prompt_length + max_decode_length)
         keys_valid_RS = jnp.concatenate(
             [valid_RP, jnp.ones((rows, max_decode_length), bool)], axis=1)
@@ -556,7 +458,7 @@ class DecoderOnlyModel(Model):
         def run(tokens, cache, offset):
             return module.apply({"params": params, "cache": cache}, tokens, offset,
                                 keys_valid_RS, prompt_length,
-                                method=DecoderOnlyTransformer.cached_positions,
+                                method=networks.DecoderOnlyTransformer.cached_positions,
                                 mutable=["cache"])
 
         ones = jnp.ones((rows, 1), jnp.int32)
@@ -578,6 +480,55 @@ class DecoderOnlyModel(Model):
         return step_fn, cache
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderOnlyModel(Model):
+    """An encoder-only T5 trained as a masked LM (BERT's objective,
+    gin/objectives/bert_mlm.gin): logits [B, L, V] at every position, the loss on the
+    masked ones (encoder_loss_weights). It generates nothing."""
+
+    targets_key: ClassVar[str] = "encoder_target_tokens"
+    weights_key: ClassVar[str] = "encoder_loss_weights"
+
+    @property
+    def module(self) -> networks.EncoderOnlyTransformer:
+        return networks.EncoderOnlyTransformer(self.config)
+
+    def _init_batch(self) -> Batch:
+        tokens = jnp.ones((1, 2), jnp.int32)
+        return {"encoder_input_tokens": tokens, "encoder_segment_ids": tokens}
+
+    def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 64,
+                      method: decoding.Method | str = decoding.Method.GREEDY,
+                      eos_id: int | None = 1, **options) -> tuple[jax.Array, jax.Array]:
+        raise ValueError("an encoder_only masked LM does not generate text: evaluate it by "
+                         "its validation loss and accuracy (t5x_lite.eval), fine-tune it for "
+                         "classification (models.T5Config.num_classes), or use an "
+                         "encoder_decoder or decoder_only model to generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderClassifierModel(EncoderOnlyModel):
+    """An encoder-only T5 with a classification head (T5Config.num_classes > 0): class
+    logits [B, 1, C] per row, the loss the mean cross-entropy over the rows
+    (classification_weights: 1 on real rows, 0 on padding rows)."""
+
+    targets_key: ClassVar[str] = "classification_labels"
+    weights_key: ClassVar[str] = "classification_weights"
+
+    def predict_batch(self, params: Params, batch: Batch, max_decode_length: int = 1,
+                      method: decoding.Method | str = decoding.Method.GREEDY,
+                      eos_id: int | None = None, **options) -> tuple[jax.Array, jax.Array]:
+        """Each row's most likely class as tokens int32 [B, 1], and its log-probability
+        float32 [B] (what evaluation's accuracy reads). A class is picked, not decoded:
+        `max_decode_length` and `eos_id` play no part, and only greedy picking exists."""
+        if decoding.parse_method(method) is not decoding.Method.GREEDY or options:
+            raise ValueError("a classifier predicts each row's most likely class: decode with "
+                             "method 'greedy' and no options (DECODE_METHOD = 'greedy')")
+        log_probs_BC = jax.nn.log_softmax(self.logits(params, batch)[:, 0])
+        return (jnp.argmax(log_probs_BC, axis=-1)[:, None].astype(jnp.int32),
+                jnp.max(log_probs_BC, axis=-1))
+
+
 def right_aligned_prompts(inputs_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Prompts [B, L + 1]: a start token 0 and each row's inputs (its non-zero tokens, which
     come first), moved to end at the last position; and a bool [B, L + 1], True from the
@@ -593,6 +544,8 @@ def right_aligned_prompts(inputs_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def model_for(config: T5Config) -> Model:
     """The model object of config's family."""
+    if config.encoder_only:
+        return (EncoderClassifierModel if config.num_classes else EncoderOnlyModel)(config)
     family = DecoderOnlyModel if config.decoder_only else EncoderDecoderModel
     return family(config)
 

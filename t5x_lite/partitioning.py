@@ -57,6 +57,8 @@ _FSDP_TENSOR_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("relpos_buckets", None),
+    # A classifier's few classes (models.EncoderOnlyTransformer's head): never split.
+    ("classes", None),
     ("layers", None),
     ("expert", "expert"),
     ("expert_group", ("data", "fsdp")),

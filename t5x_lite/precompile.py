@@ -110,11 +110,18 @@ def run_settings() -> dict:
 
 
 def abstract_batch(batch_size: int, row_lengths: tuple[int, int], mesh,
-                   decoder_only: bool = False) -> dict:
-    """The train step's batch of `row_lengths` (inputs, targets) in the family's layout."""
+                   decoder_only: bool = False, encoder_only: bool = False,
+                   classification: bool = False) -> dict:
+    """The train step's batch of `row_lengths` (inputs, targets) in the family's layout (an
+    encoder-only model's: a masked LM's, or with `classification` a classifier's)."""
     sharding = partitioning.batch_sharding(mesh)
     inputs, targets = row_lengths
-    if decoder_only:
+    if encoder_only and classification:
+        length_of = {key: inputs if key.startswith("encoder") else 1
+                     for key in pipeline.CLASSIFICATION_KEYS}
+    elif encoder_only:
+        length_of = {key: inputs for key in pipeline.ENCODER_ONLY_KEYS}
+    elif decoder_only:
         length_of = {key: inputs + targets for key in pipeline.DECODER_ONLY_KEYS}
     else:
         length_of = {key: inputs if key.startswith("encoder") else targets
@@ -307,7 +314,7 @@ def precompile(topology_name: str) -> dict:
     if floor_bytes > accelerators.usable_memory_bytes(topology.chip, os.environ):
         raise launch.UsageError(state_does_not_fit(topology, trainer, floor_bytes))
     batch = abstract_batch(data.batch_size, data.row_lengths(), trainer.mesh,
-                           data.decoder_only)
+                           data.decoder_only, data.encoder_only, bool(model_config.num_classes))
     try:
         steps = compiled_steps(trainer, batch)
     except jax.errors.JaxRuntimeError as error:

@@ -49,10 +49,11 @@ class DataConfig:
     resume_without_input_position: bool = False
     # The batch layout of the model family (pipeline.py); set from the model by for_model.
     decoder_only: bool = False
+    encoder_only: bool = False
 
     def __post_init__(self):
-        if self.task_feature_lengths is not None:
-            pipeline.check_lengths(self.task_feature_lengths, ("targets",))
+        # Which lengths a run needs depends on the model family: for_model checks them (an
+        # encoder-only model ignores a 'targets' length).
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE must be >= 1, got {self.batch_size}")
         if self.num_input_shards is not None and self.num_input_shards < 1:
@@ -98,12 +99,27 @@ class DataConfig:
         return completed
 
     def for_model(self, model_config: models.T5Config) -> "DataConfig":
-        """This config with the batch layout of model_config's family."""
-        return dataclasses.replace(self, decoder_only=model_config.decoder_only)
+        """This config with the batch layout of model_config's family, once its inputs fit
+        the model (LongT5's blocks: T5Config.check_encoder_length)."""
+        if self.task_feature_lengths and "inputs" in self.task_feature_lengths:
+            model_config.check_encoder_length(self.task_feature_lengths["inputs"])
+        # The lengths and the task fit the model's family (pipeline.py's layouts).
+        if self.task_feature_lengths is not None:
+            if model_config.encoder_only:
+                pipeline.encoder_only_lengths(self.task_feature_lengths)
+            else:
+                pipeline.check_lengths(self.task_feature_lengths, ("targets",))
+        if self.mixture_or_task_name is not None:
+            check_task_fits(model_config, self.mixture_or_task_name)
+        return dataclasses.replace(self, decoder_only=model_config.decoder_only,
+                                   encoder_only=model_config.encoder_only)
 
     def row_lengths(self) -> tuple[int, int]:
         """(inputs, targets) tokens of a row: 0 inputs for a task of targets only (a causal
-        LM, whose 'inputs' length is ignored) or where none is given."""
+        LM, whose 'inputs' length is ignored) or where none is given; 0 targets for an
+        encoder-only model (its rows are the 'inputs' length)."""
+        if self.encoder_only:
+            return self.task_feature_lengths["inputs"], 0
         targets = self.task_feature_lengths["targets"]
         if self.decoder_only and self.mixture_or_task_name and not tasks.has_inputs(
                 self.mixture_or_task_name):
@@ -154,7 +170,8 @@ class DataConfig:
             self.mixture_or_task_name, split, dict(self.task_feature_lengths),
             self.batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
             pack=self.pack if pack is None else pack, num_shards=self.num_input_shards,
-            shard_indices=self.host_shards(mesh), decoder_only=self.decoder_only)
+            shard_indices=self.host_shards(mesh), decoder_only=self.decoder_only,
+            encoder_only=self.encoder_only)
 
     def has_split(self, split: str) -> bool:
         return split in tasks.get_task_or_mixture(self.mixture_or_task_name).splits
@@ -203,8 +220,37 @@ def say(line: str) -> None:
         print(line, flush=True)
 
 
+def check_task_fits(model_config: models.T5Config, task_name: str) -> None:
+    """An encoder-only model trains on masked-LM tasks (num_classes = 0) or classification
+    tasks of its head's classes; the other families on neither."""
+    classes, masked_lm = tasks.num_classes(task_name), tasks.is_masked_lm(task_name)
+    if not model_config.encoder_only:
+        if classes or masked_lm:
+            kind = "a masked-LM" if masked_lm else "a classification"
+            raise ValueError(f"task {task_name!r} is {kind} task, for encoder_only models: use "
+                             "an encoder-only preset (gin/models/encoder_only_*.gin)")
+        return
+    if model_config.num_classes and classes != model_config.num_classes:
+        what = (f"has {classes} classes (labels 0 to {classes - 1})" if classes else
+                "is not a classification task")
+        beyond = (f"label {classes - 1} is" if classes == model_config.num_classes + 1 else
+                  f"labels {model_config.num_classes} to {classes - 1} are")
+        outside = f": {beyond} outside the head" if classes > model_config.num_classes else ""
+        raise ValueError(f"task {task_name!r} {what}, but the model's head has "
+                         f"models.T5Config.num_classes = {model_config.num_classes}{outside}; "
+                         + (f"bind models.T5Config.num_classes = {classes}" if classes else
+                            "train a classifier on a classification task"))
+    if not model_config.num_classes and not masked_lm:
+        fix = (f"bind models.T5Config.num_classes = {classes} to fine-tune a classifier"
+               if classes else "train it on a masked-LM task (gin/objectives/bert_mlm.gin) or "
+               "a classification task, or use an encoder_decoder or decoder_only model")
+        raise ValueError(f"task {task_name!r} has "
+                         f"{'labels' if classes else 'targets to generate'}, which an "
+                         f"encoder_only masked LM cannot train on: {fix}")
+
+
 def check_vocabulary(model_config: models.T5Config, data: DataConfig) -> None:
-    vocab_size = tasks.targets_vocabulary(data.mixture_or_task_name).vocab_size
+    vocab_size = tasks.text_vocabulary(data.mixture_or_task_name).vocab_size
     if model_config.vocab_size < vocab_size:
         raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the "
                          f"task vocabulary ({vocab_size}): set T5Config.vocab_size >= "

@@ -40,28 +40,87 @@ def restore_or_init(trainer: trainer_lib.Trainer, manager, seed: int,
         say(f"Resuming from checkpoint at step {int(restored[0].step)}.")
         return restored
     if init_from:
-        return pretrained_state(trainer, init_from), None
+        return pretrained_state(trainer, init_from, seed), None
     if upcycle_from:
         return upcycled_state(trainer, upcycle_from, seed), None
     return trainer.init_state(seed), None
 
 
-def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_lib.TrainState:
+def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str, seed: int = 0
+                     ) -> trainer_lib.TrainState:
     """Step 0 with the parameters of the newest checkpoint in `model_dir` (a MODEL_DIR, or a
     Hugging Face T5 directory, of this architecture) and a fresh optimizer state: the start
-    of a fine-tuning run."""
+    of a fine-tuning run. A classifier from a masked LM's checkpoint takes every parameter
+    they share; its head starts as a fresh run's with `seed` would (see swapped_heads)."""
     if os.path.isfile(os.path.join(model_dir, hf.CONFIG_FILE)):
         return hf_state(trainer, model_dir)
     manager = checkpoints.create_manager(model_dir, read_only=True)
+    abstract = trainer.sharded_abstract_state().params
     try:
-        step, params = checkpoints.restore_params(manager,
-                                                  trainer.sharded_abstract_state().params)
+        step, saved = checkpoints.params_metadata(manager)
     except FileNotFoundError:
         raise FileNotFoundError(f"INIT_FROM {model_dir!r} holds no checkpoint: point it at the "
                                 "MODEL_DIR of the pretraining run") from None
-    say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
-        "fresh optimizer state, step 0.")
+    fresh, left = swapped_heads(abstract, saved)
+    if not fresh and not left:
+        # Any other difference is an error naming the first parameter that differs.
+        step, params = checkpoints.restore_params(manager, abstract)
+        say(f"Initialised from the checkpoint at step {step} in {model_dir}: parameters only, "
+            "fresh optimizer state, step 0.")
+        return trainer.state_from_params(params)
+    params = with_fresh_heads(trainer, manager, saved, seed)
+    say(f"Initialised from the checkpoint at step {step} in {model_dir}: every parameter but "
+        f"{', '.join(fresh)} (fresh, as the model's new head)"
+        + (f"; left the checkpoint's {', '.join(left)} unused" if left else "")
+        + ": parameters only, fresh optimizer state, step 0.")
     return trainer.state_from_params(params)
+
+
+# Heads a fine-tuning run swaps when a classifier starts from a masked LM's checkpoint: the
+# classifier's head (models.EncoderOnlyTransformer) is not in the checkpoint and starts fresh;
+# the masked LM's untied logits projection is not in the classifier and stays behind.
+FRESH_HEADS = ("classification_head",)
+LEFT_HEADS = ("logits_dense",)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {optimizers.parameter_path(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def swapped_heads(abstract_params, saved_params) -> tuple[list[str], list[str]]:
+    """(the model's heads a checkpoint lacks, the checkpoint's heads the model lacks) when
+    those are all the two trees differ by and they are FRESH_HEADS and LEFT_HEADS, the
+    parameters they share having the same shapes; else ([], []), for restore_params to
+    report the first difference."""
+    ours, theirs = _shapes(abstract_params), _shapes(saved_params)
+    fresh = sorted({name.split("/")[0] for name in ours.keys() - theirs.keys()})
+    left = sorted({name.split("/")[0] for name in theirs.keys() - ours.keys()})
+    shared_alike = all(ours[name] == theirs[name] for name in ours.keys() & theirs.keys())
+    if fresh and set(fresh) <= set(FRESH_HEADS) and set(left) <= set(LEFT_HEADS) and \
+            shared_alike:
+        return fresh, left
+    return [], []
+
+
+def with_fresh_heads(trainer: trainer_lib.Trainer, manager, saved_params, seed: int):
+    """The checkpoint's parameters where the model has them, restored into the model's
+    shards (what the model lacks, replicated, then dropped), and a fresh initialisation with
+    `seed` for the rest."""
+    shardings = {optimizers.parameter_path(path): sharding for path, sharding in
+                 jax.tree_util.tree_leaves_with_path(trainer.state_shardings.params)}
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings.get(
+            optimizers.parameter_path(path), partitioning.replicated(trainer.mesh))),
+        saved_params)
+    _, restored = checkpoints.restore_params(manager, abstract)
+    restored = {optimizers.parameter_path(path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+    with trainer_lib.mesh_context(trainer.mesh, trainer.rules):
+        fresh = jax.jit(trainer.model.init, out_shardings=trainer.state_shardings.params)(
+            jax.random.key(seed))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: restored.get(optimizers.parameter_path(path), leaf), fresh)
 
 
 # T5Config fields that change what the parameters compute; the rest (dropout, dtype, remat,
@@ -69,7 +128,8 @@ def pretrained_state(trainer: trainer_lib.Trainer, model_dir: str) -> trainer_li
 ARCHITECTURE_FIELDS = ("architecture", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff",
                        "num_encoder_layers", "num_decoder_layers", "activation", "gated_mlp",
                        "tie_embeddings", "relative_attention_num_buckets",
-                       "relative_attention_max_distance", "layer_norm_epsilon")
+                       "relative_attention_max_distance", "layer_norm_epsilon",
+                       "encoder_attention", "local_radius", "global_block_size")
 
 
 def hf_state(trainer: trainer_lib.Trainer, hf_dir: str) -> trainer_lib.TrainState:

@@ -144,6 +144,20 @@ def test_lengths_too_short_for_the_objective(model_dir, capsys):
                            "short for span corruption") and "targets >= 3" in line
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--gin.models.T5Config.encoder_attention='local'"],
+     "error: T5Config.local_radius = 127 does not fit encoder inputs of 32 tokens"),
+    (["--gin.models.T5Config.encoder_attention='transient_global'",
+      "--gin.models.T5Config.local_radius=7", "--gin.models.T5Config.global_block_size=64"],
+     "error: T5Config.global_block_size = 64 does not fit encoder inputs of 32 tokens"),
+    (["--gin_file=models/decoder_only_tiny.gin",
+      "--gin.models.T5Config.encoder_attention='local'"],
+     "error: T5Config.encoder_attention = 'local' is LongT5's encoder attention, but a "
+     "decoder_only model has no encoder")])
+def test_longt5_attention_that_cannot_apply(model_dir, capsys, extra, expected):
+    assert check_train_refuses(capsys, model_dir, *extra).startswith(expected)
+
+
 def test_bad_objective_setting(model_dir, capsys):
     before = snapshot(model_dir)
     line = error_line(capsys, "train", *flags(model_dir, steps=3),

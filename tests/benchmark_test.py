@@ -82,18 +82,23 @@ def test_quick_run_figures_agree_with_its_arguments_the_model_and_the_clock():
     assert row["compile_seconds"] + 2 * step + 2 * peak_matmul_seconds < wall_seconds
 
 
-@pytest.mark.parametrize("preset", ["t5_1_1_tiny", "decoder_only_tiny"])
-def test_model_flops_formula_is_within_10_percent_of_xla_cost_analysis(preset):
+@pytest.mark.parametrize("preset, batch, inputs", [
+    ("t5_1_1_tiny", 8, 512), ("decoder_only_tiny", 8, 512), ("encoder_only_tiny", 8, 512),
+    ("longt5_tglobal_tiny", 2, 4096)])
+def test_model_flops_formula_is_within_10_percent_of_xla_cost_analysis(preset, batch, inputs):
     """XLA also counts the elementwise work (softmax, norms, the optimizer update), a few
     percent of the step at these shapes; the formula counts the matmuls. The decoder-only
-    model's rows hold the 512 inputs and 114 targets concatenated."""
+    model's rows hold the 512 inputs and 114 targets concatenated, the encoder-only model's
+    the 512 inputs (masked-LM logits at each). At 4096 inputs LongT5's
+    transient-global attention (3 x 128 local and 256 global keys a query) costs about a sixth
+    of full attention's L x L products: counting those would miss by far more than 10%."""
     import jax
     from bench import presets
 
-    trainer, state, _, batch = presets.train_setup(preset, 8, 512, 114)
-    cost = jax.jit(trainer._train_step).lower(state, batch).compile().cost_analysis()
+    trainer, state, _, batch_arrays = presets.train_setup(preset, batch, inputs, 114)
+    cost = jax.jit(trainer._train_step).lower(state, batch_arrays).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    formula = flops.model_flops_per_step(presets.model_config_of(preset), 8, 512, 114)
+    formula = flops.model_flops_per_step(presets.model_config_of(preset), batch, inputs, 114)
     if preset == "t5_1_1_tiny":
         assert formula == t5_1_1_tiny_flops(8, 512, 114)
     assert abs(cost["flops"] / formula - 1) < 0.10, (cost["flops"], formula)
@@ -213,6 +218,23 @@ def test_remat_rows_are_ratios_to_no_remat(capsys):
     for row in rows:
         np.testing.assert_allclose(row["time_ratio_to_none"],
                                    row["step_seconds"] / rows[0]["step_seconds"], rtol=1e-9)
+
+
+def test_memory_rows_grow_linearly_with_local_attention(capsys):
+    """The compiled train step's temporaries at 512, 1024 and 2048 input tokens under local
+    attention (3 x 128 keys a query): memory linear in L plus a fixed part, so the second
+    doubling adds twice what the first added (full attention's [heads, L, L] weights would
+    add four times as much)."""
+    rows = rows_in_process(capsys, "memory", "--preset", "longt5_local_tiny", "--inputs",
+                           "2048", "512", "1024", "--targets", "16", "--attention", "local")
+    assert [(row["encoder_attention"], row["inputs"]) for row in rows] == [
+        ("local", 512), ("local", 1024), ("local", 2048)]
+    temp = [row["temp_bytes"] for row in rows]
+    for previous, row in zip(rows, rows[1:]):
+        np.testing.assert_allclose(row["temp_growth"], row["temp_bytes"] / previous["temp_bytes"],
+                                   rtol=1e-9)
+        assert row["total_bytes"] > row["temp_bytes"]  # plus parameters and state
+    assert 1.8 < (temp[2] - temp[1]) / (temp[1] - temp[0]) < 2.3
 
 
 def test_moe_rows_set_switch_tiny_beside_its_dense_counterpart(capsys):

@@ -69,7 +69,8 @@ def test_reregistering_replaces_the_task(tmp_path):
 def test_unknown_objective_lists_the_allowed_ones(tmp_path):
     (tmp_path / "a.txt").write_text("x\n")
     with pytest.raises(ValueError, match="unknown objective 'mlm': allowed values are "
-                                         "span_corruption, prefix_lm, causal_lm, bart, ul2"):
+                                         "span_corruption, prefix_lm, causal_lm, bart, "
+                                         "bert_mlm, ul2"):
         tasks.register_text_task("data_tasks_test_bad", [str(tmp_path / "a.txt")],
                                  objective="mlm", vocabulary=vocab.byte_vocabulary())
     assert "data_tasks_test_bad" not in seqio.TaskRegistry.names()
@@ -112,7 +113,8 @@ def test_builtin_registry_covers_every_source_and_objective():
                          "nlg_span3_density0.5": 0.1, "nlg_span8_density0.5": 0.1,
                          "nlg_span64_density0.15": 0.1, "nlg_span64_density0.5": 0.1,
                          "s2s_prefix_lm": 0.2}
-    for name in ("stdlib_span_corruption", "stdlib_prefix_lm", "stdlib_bart",
-                 "c4_span_corruption", "wikipedia_span_corruption"):
+    for name in ("stdlib_span_corruption", "stdlib_prefix_lm", "stdlib_bart", "stdlib_bert_mlm",
+                 "stdlib_docstring_choice_classification", "c4_span_corruption",
+                 "wikipedia_span_corruption"):
         assert isinstance(tasks.get_task_or_mixture(name), seqio.Task)
     assert tasks.get_task_or_mixture("c4_span_corruption").source.tfds_dataset.name == "c4/en:3.1.0"

@@ -12,7 +12,7 @@ import pytest
 
 from t5x_lite import models
 from t5x_lite import moe
-from tests.layers_test import bucket_closed_form, gelu_tanh64, softmax64
+from tests.layers_test import bucket_closed_form, rms64, self_attention_layers64
 
 VOCAB, EOS = 8, 1
 CONFIG = models.T5Config(architecture="decoder_only", vocab_size=VOCAB, d_model=32,
@@ -50,28 +50,15 @@ def numpy_logits(params, batch) -> np.ndarray:
     prefix = batch["decoder_causal_attention"] > 0
     length = tokens.shape[1]
 
-    def rms(x, scale):
-        return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * scale
-
     query, key = np.arange(length)[:, None], np.arange(length)[None, :]
     buckets = np.vectorize(bucket_closed_form)(key - query, False, 8, 16)
     position_bias = p["decoder_relative_bias"]["rel_embedding"][buckets].transpose(2, 0, 1)
     same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
     visible = same & ((key <= query)[None] | (prefix[:, :, None] & prefix[:, None, :]))
     bias = position_bias[None] + np.where(visible, 0.0, -1e10)[:, None]
-    x = p["token_embedder"]["embedding"][tokens]
-    for i in range(CONFIG.num_decoder_layers):
-        layer = p[f"decoder_layer_{i}"]
-        h = rms(x, layer["pre_attention_norm"]["scale"])
-        q, k, v = (np.einsum("btd,dhk->bthk", h, layer["attention"][name]["kernel"])
-                   for name in ("query", "key", "value"))
-        weights = softmax64(np.einsum("bthk,bshk->bhts", q, k) + bias)
-        x = x + np.einsum("bhts,bshk,hkd->btd", weights, v, layer["attention"]["out"]["kernel"])
-        h = rms(x, layer["pre_mlp_norm"]["scale"])
-        mlp = layer["mlp"]
-        x = x + (gelu_tanh64(h @ mlp["wi_0"]["kernel"]) * (h @ mlp["wi_1"]["kernel"])
-                 ) @ mlp["wo"]["kernel"]
-    y = rms(x, p["decoder_norm"]["scale"]) * CONFIG.d_model ** -0.5
+    x = self_attention_layers64(p, p["token_embedder"]["embedding"][tokens], bias,
+                                [f"decoder_layer_{i}" for i in range(CONFIG.num_decoder_layers)])
+    y = rms64(x, p["decoder_norm"]["scale"]) * CONFIG.d_model ** -0.5
     return y @ p["token_embedder"]["embedding"].T
 
 
@@ -295,7 +282,7 @@ def test_architecture_bindings_that_do_not_fit_are_one_line_errors():
     with pytest.raises(ValueError, match="bind architecture = 'decoder_only'"):
         models.T5Config(num_encoder_layers=0)
     with pytest.raises(ValueError, match="T5Config.architecture must be one of"):
-        models.T5Config(architecture="encoder_only")
+        models.T5Config(architecture="bert")
 
 
 def test_a_sparse_decoder_only_model_stays_causal_when_experts_drop_tokens():

@@ -45,6 +45,7 @@ CONCRETE = {"t5_1_1_tiny", "t5_1_1_small", "t5_1_0_small"}
 # Objective files for one family, composed with its tiny preset, and the model setting each
 # makes on purpose (a causal LM decodes and scores causally).
 DECODER_ONLY_FILES = {"objectives/causal_lm.gin": {"bidirectional_inputs": False}}
+ENCODER_ONLY_FILES = {"objectives/bert_mlm.gin": {}}
 
 
 def model_from_gin(files: list[str], bindings: list[str]) -> models.Model:
@@ -53,6 +54,7 @@ def model_from_gin(files: list[str], bindings: list[str]) -> models.Model:
 
 
 def forward(model: models.Model, params):
+    """Logits [2, 8, V]; an encoder-only model's are its inputs' [2, 16, V]."""
     batch = {"encoder_input_tokens": jnp.ones((2, 16), jnp.int32),
              "decoder_input_tokens": jnp.ones((2, 8), jnp.int32)}
     return model.logits(params, batch)
@@ -68,7 +70,8 @@ def test_model_preset_builds_and_runs(preset):
     else:
         params = jax.eval_shape(model.init, jax.random.key(0))
         logits = jax.eval_shape(lambda p: forward(model, p), params)
-    assert logits.shape == (2, 8, model.config.vocab_size)
+    length = 16 if model.config.encoder_only else 8
+    assert logits.shape == (2, length, model.config.vocab_size)
     if preset in PUBLISHED_COUNTS:
         assert models.count_parameters(params) == PUBLISHED_COUNTS[preset]
     gin.clear_config()
@@ -82,8 +85,9 @@ def test_run_file_leaves_the_models_computation_alone(path):
     and leaves the model computing exactly what the preset alone computes (files never reset
     what another file set); the whole runs in gin/ train the tiny preset with their own
     vocabulary's size."""
-    tiny = "models/decoder_only_tiny.gin" if path in DECODER_ONLY_FILES else \
-        "models/t5_1_1_tiny.gin"
+    tiny = ("models/decoder_only_tiny.gin" if path in DECODER_ONLY_FILES else
+            "models/encoder_only_tiny.gin" if path in ENCODER_ONLY_FILES else
+            "models/t5_1_1_tiny.gin")
     includes = [] if path in WHOLE_RUNS else [tiny]
     model = model_from_gin(includes + [path], [] if path == "quickstart.gin" else REQUIRED_MACROS)
     assert gin.config_is_locked()
@@ -127,7 +131,7 @@ def registered_name(files: list[str], bindings: list[str]) -> str:
         gin.clear_config()
 
 
-@pytest.mark.parametrize("objective", ["span_corruption", "ul2", "prefix_lm", "bart"])
+@pytest.mark.parametrize("objective", ["span_corruption", "ul2", "prefix_lm", "bart", "bert_mlm"])
 def test_objective_files_register_the_source_and_objective(objective):
     name = registered_name(["quickstart.gin", f"objectives/{objective}.gin"],
                            ["SOURCE = 'wikipedia'"])

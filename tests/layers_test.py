@@ -84,6 +84,28 @@ def gelu_tanh64(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
+def rms64(x, scale):
+    return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+def self_attention_layers64(params, x, bias, layer_names):
+    """T5 v1.1 self-attention layers (pre-norm attention under `bias` [B, H, T, S], then a
+    gated-GELU MLP) in float64: the layers `layer_names` of float64 `params` applied to the
+    embeddings x [B, T, D] in order. The final norm is the caller's."""
+    for name in layer_names:
+        layer = params[name]
+        h = rms64(x, layer["pre_attention_norm"]["scale"])
+        q, k, v = (np.einsum("btd,dhk->bthk", h, layer["attention"][kind]["kernel"])
+                   for kind in ("query", "key", "value"))
+        weights = softmax64(np.einsum("bthk,bshk->bhts", q, k) + bias)
+        x = x + np.einsum("bhts,bshk,hkd->btd", weights, v, layer["attention"]["out"]["kernel"])
+        h = rms64(x, layer["pre_mlp_norm"]["scale"])
+        mlp = layer["mlp"]
+        x = x + (gelu_tanh64(h @ mlp["wi_0"]["kernel"]) * (h @ mlp["wi_1"]["kernel"])
+                 ) @ mlp["wo"]["kernel"]
+    return x
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_mlp_matches_numpy_float64(gated):
     activation = jax.nn.gelu if gated else jax.nn.relu

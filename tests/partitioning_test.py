@@ -1,7 +1,7 @@
 """Sharding invariants on 8 CPU devices: every rule table in gin/partitioning/ trains to the
-parameters of one device (a decoder-only model too), FSDP holds 1/8 of the state per device, a checkpoint restores onto
-another mesh and trains on identically; microbatching equals the full batch; bad meshes and
-rules are one-line errors."""
+parameters of one device (a decoder-only and an encoder-only model too), FSDP holds 1/8 of the
+state per device, a checkpoint restores onto another mesh and trains on identically;
+microbatching equals the full batch; bad meshes and rules are one-line errors."""
 import dataclasses
 import json
 import os
@@ -46,11 +46,15 @@ def make_trainer(config: partitioning.MeshConfig, devices, num_microbatches: int
 
 def train(trainer: trainer_lib.Trainer, steps: int, state=None, first_batch: int = 0):
     """(state, losses) after `steps` steps on trainer_test's random batches (for a
-    decoder-only model, prefix-LM rows whose first 2 positions attend bidirectionally)."""
+    decoder-only model, prefix-LM rows whose first 2 positions attend bidirectionally; for an
+    encoder-only one, masked-LM rows of the encoder inputs, every third position weighed, or
+    for a classifier a label per row)."""
     state = trainer.init_state(seed=0) if state is None else state
     step, losses = trainer.compile_train_step(), []
     for index in range(first_batch, first_batch + steps):
         rows = trainer_test.random_batch(index)
+        if trainer.model.config.encoder_only:
+            rows = encoder_only_rows(rows, trainer.model.config.num_classes)
         if trainer.model.config.decoder_only:
             prefix = np.arange(rows["decoder_target_tokens"].shape[1]) < 2
             rows["decoder_causal_attention"] = np.tile(
@@ -70,6 +74,21 @@ def relative_difference(tree_a, tree_b) -> float:
 
 DECODER_ONLY_CONFIG = dataclasses.replace(trainer_test.CONFIG, architecture="decoder_only",
                                           num_encoder_layers=0)
+ENCODER_ONLY_CONFIG = dataclasses.replace(trainer_test.CONFIG, architecture="encoder_only",
+                                          num_decoder_layers=0)
+CLASSIFIER_CONFIG = dataclasses.replace(ENCODER_ONLY_CONFIG, num_classes=3)
+
+
+def encoder_only_rows(rows: dict, num_classes: int) -> dict:
+    tokens = rows["encoder_input_tokens"]
+    encoder = {"encoder_input_tokens": tokens,
+               "encoder_segment_ids": rows["encoder_segment_ids"]}
+    if num_classes:
+        return {**encoder, "classification_labels": tokens[:, :1] % num_classes,
+                "classification_weights": np.ones((len(tokens), 1), np.int32)}
+    weights = (np.arange(tokens.shape[1]) % 3 == 0).astype(np.int32)
+    return {**encoder, "encoder_target_tokens": np.roll(tokens, 1, axis=1),
+            "encoder_loss_weights": np.tile(weights, (len(tokens), 1))}
 
 EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
@@ -88,14 +107,18 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
         results[name] = t.relative_difference(state.params, one.params)
         results[name + " mesh"] = dict(trainer.mesh.shape)
 
-    # The decoder-only family (prefix-LM rows, the prefix mask included) shards alike.
-    decoder_only = t.DECODER_ONLY_CONFIG
-    one, _ = t.train(t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1],
-                                    model_config=decoder_only), 3)
-    state, _ = t.train(t.make_trainer(meshes["data=2 fsdp=2 tensor=2"], jax.devices(),
-                                      model_config=decoder_only), 3)
-    results["decoder-only data=2 fsdp=2 tensor=2"] = t.relative_difference(state.params,
-                                                                           one.params)
+    # The other families shard alike: the decoder-only one (prefix-LM rows, the prefix mask
+    # included), the encoder-only masked LM and classifier (whose "classes" axis is never
+    # split).
+    for family, model_config in (("decoder-only", t.DECODER_ONLY_CONFIG),
+                                 ("encoder-only", t.ENCODER_ONLY_CONFIG),
+                                 ("classifier", t.CLASSIFIER_CONFIG)):
+        one, _ = t.train(t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1],
+                                        model_config=model_config), 3)
+        state, _ = t.train(t.make_trainer(meshes["data=2 fsdp=2 tensor=2"], jax.devices(),
+                                          model_config=model_config), 3)
+        results[f"{family} data=2 fsdp=2 tensor=2"] = t.relative_difference(state.params,
+                                                                            one.params)
 
     one_device = t.make_trainer(partitioning.MeshConfig(), jax.devices()[:1])
     fsdp = t.make_trainer(t.mesh_config("fsdp"), jax.devices())
@@ -143,6 +166,11 @@ def test_every_rule_table_trains_to_the_one_device_parameters(eight_device_resul
 
 def test_the_decoder_only_family_trains_to_the_one_device_parameters(eight_device_results):
     assert eight_device_results["decoder-only data=2 fsdp=2 tensor=2"] <= 1e-5
+
+
+def test_the_encoder_only_family_trains_to_the_one_device_parameters(eight_device_results):
+    assert eight_device_results["encoder-only data=2 fsdp=2 tensor=2"] <= 1e-5
+    assert eight_device_results["classifier data=2 fsdp=2 tensor=2"] <= 1e-5
 
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device(eight_device_results):

@@ -1,5 +1,5 @@
 """scripts/benchmark.py's subcommands, one module each (train, remat, moe, decode, state,
-checkpoint, input_pipeline), the command line that joins them (cli), and what they share:
+checkpoint, memory, input_pipeline), the command line that joins them (cli), and what they share:
 flags, presets (a preset's config, trainer and batch), timing, peak (the matmul peak MFU
 divides by) and rows (printing). hf_compare alone imports torch and transformers.
 

@@ -12,6 +12,7 @@
   python scripts/benchmark.py decode --preset t5_1_1_small --batch 8 --inputs 512 --targets 114 \\
       [--compare-hf]
   python scripts/benchmark.py checkpoint --preset t5_1_1_small --batch 8 --inputs 512 --targets 114
+  python scripts/benchmark.py memory --preset longt5_tglobal_tiny --inputs 2048 4096 8192 16384
 
 Figures (each measured in the run that prints it; add --json for one JSON object per line):
   train  step_seconds         median wall-clock seconds of one train step (forward, backward,
@@ -55,6 +56,12 @@ Figures (each measured in the run that prints it; add --json for one JSON object
                               the background (per save), and their median slowdown
          blocking_save_seconds   one save waited for to the end; checkpoint_mib its size
                               on disk, state_mib the parameters and optimizer state's
+  memory temp_bytes, total_bytes   XLA's memory_analysis() of the train step compiled (not
+                              run) for each --inputs length and encoder attention: its
+                              temporaries (activations kept for the backward pass, scratch),
+                              and those plus arguments and outputs, as precompile counts them
+         temp_growth          temp_bytes / the previous length's (length_growth apart):
+                              about 2 per doubling for memory linear in L, 4 for quadratic
   moe    the train figures of an MoE preset and of its dense counterpart (same widths), plus
          parameters, active_parameters   all parameters, and those one token passes through
                               (each sparse MLP counted as its K chosen experts and its router)
@@ -68,6 +75,7 @@ import argparse
 from bench import checkpoint
 from bench import decode
 from bench import input_pipeline
+from bench import memory
 from bench import moe
 from bench import remat
 from bench import rows as rows_lib
@@ -77,7 +85,7 @@ from t5x_lite import launch
 
 # A subcommand is a module with add_parser(commands), whose parser sets run=fn(args) -> rows,
 # one dict per measurement; in the order --help lists them.
-SUBCOMMANDS = (train, remat, moe, decode, state, checkpoint, input_pipeline)
+SUBCOMMANDS = (train, remat, moe, decode, state, checkpoint, memory, input_pipeline)
 QUICK_ARGS = ["train", "--preset", "t5_1_1_tiny", "--batch", "2", "--inputs", "64",
               "--targets", "16", "--steps", "2", "--warmup", "1", "--peak-size", "1024",
               "--json"]
@@ -107,6 +115,6 @@ def main(argv: list[str] | None = None) -> None:
             args = parser.parse_args(QUICK_ARGS)
         elif args.command is None:
             raise launch.UsageError("no subcommand: pass one of train, remat, moe, decode, "
-                                    "state, checkpoint, input (or --quick)")
+                                    "state, checkpoint, memory, input (or --quick)")
         rows = args.run(args)
     rows_lib.print_rows(rows, args.json)

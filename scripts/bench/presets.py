@@ -47,14 +47,21 @@ def model_config_of(preset: str, **overrides):
 
 
 def packed_shaped_batch(batch: int, inputs: int, targets: int, vocab_size: int,
-                        decoder_only: bool = False) -> dict:
+                        decoder_only: bool = False, encoder_only: bool = False) -> dict:
     """Random tokens in [1, vocab_size) in every key of pipeline.BATCH_KEYS, one segment per
     row: what a fully packed batch looks like to the train step. Arrays are int32
     [batch, inputs] (encoder_*) and [batch, targets] (decoder_*); for a decoder-only model
     the decoder_* keys alone, [batch, inputs + targets], the inputs attending as a
-    prefix-LM's."""
+    prefix-LM's; for an encoder-only model a masked LM's encoder_* keys, [batch, inputs]
+    (`targets` unused), the loss on every position (which positions weigh costs nothing)."""
     import numpy as np
 
+    if encoder_only:
+        arrays = packed_shaped_batch(batch, inputs, 2, vocab_size)
+        arrays = {key: value for key, value in arrays.items() if key.startswith("encoder")}
+        arrays["encoder_target_tokens"] = arrays["encoder_input_tokens"]
+        arrays["encoder_loss_weights"] = np.ones((batch, inputs), np.int32)
+        return arrays
     if decoder_only:
         arrays = packed_shaped_batch(batch, 1, inputs + targets, vocab_size)
         arrays = {key: value for key, value in arrays.items() if key.startswith("decoder")}
@@ -98,6 +105,6 @@ def train_setup(preset: str, batch: int, inputs: int, targets: int,
     trainer = trainer_lib.build_trainer(config, optimizers.rsqrt_schedule(), transform,
                                         partitioning.MeshConfig(), seed=0)
     arrays = packed_shaped_batch(batch, inputs, targets, config.vocab_size,
-                                 config.decoder_only)
+                                 config.decoder_only, config.encoder_only)
     device_batch = partitioning.global_batch(arrays, trainer.mesh)
     return trainer, trainer.init_state(seed=0), trainer.compile_train_step(), device_batch

@@ -84,12 +84,14 @@ def measure_train(preset: str, batch: int, inputs: int, targets: int, steps: int
     give model FLOPs, the matmul peak and MFU, the peak matmul timed in the same turns
     (A B P A B P ...) so that both rates see the machine in the same state."""
     import jax.numpy as jnp
+    from t5x_lite import models
 
     model_overrides = {"activation_dtype": jnp.dtype(dtype), **overrides}
     config = presets.model_config_of(preset, **model_overrides)
-    if compare_hf and config.decoder_only:
+    if compare_hf and config.architecture is not models.Architecture.ENCODER_DECODER:
         raise launch.UsageError(f"--compare-hf times transformers' T5, an encoder-decoder: "
-                                f"{preset} is decoder-only, drop --compare-hf")
+                                f"{preset} is {config.architecture.value.replace('_', '-')}, "
+                                "drop --compare-hf")
     timers = {"t5x_lite": step_timer(preset, batch, inputs, targets, optimizer,
                                      **model_overrides)}
     if compare_hf:

@@ -14,7 +14,7 @@ import json
 import os
 import sysconfig
 import textwrap
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import seqio
@@ -277,29 +277,37 @@ def _questions_dataset(questions: Sequence[tuple[str, Sequence[str], int]], spli
         "label": tf.constant(labels, tf.int32)})
 
 
+def _numbered_lines(path: str) -> Iterator[tuple[str, str]]:
+    """("path:line", line) for each non-blank line of a local examples file."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{number}", line
+
+
+def _json_fields(where: str, line: str, keys: Sequence[str]) -> list:
+    """The values of `keys` in a JSON object line (None where missing)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+    return [record.get(key) if isinstance(record, dict) else None for key in keys]
+
+
 def _read_questions(path: str) -> list[tuple[str, list[str], int]]:
     """(input, choices, label) per line of a .jsonl file of {"inputs": str, "choices":
     [str, ...], "label": int} records."""
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            text, choices, label = (record.get(key) if isinstance(record, dict) else None
-                                    for key in ("inputs", "choices", "label"))
-            if not (isinstance(text, str) and isinstance(choices, list) and len(choices) >= 2
-                    and all(isinstance(c, str) for c in choices) and isinstance(label, int)):
-                raise ValueError(f"{where}: needs 'inputs' (a string), 'choices' (two or more "
-                                 "strings) and 'label' (the index of the right choice)")
-            if not 0 <= label < len(choices):
-                raise ValueError(f"{where}: label {label} is outside its {len(choices)} "
-                                 f"choices: use 0 to {len(choices) - 1}")
-            questions.append((text, choices, label))
+    for where, line in _numbered_lines(path):
+        text, choices, label = _json_fields(where, line, ("inputs", "choices", "label"))
+        if not (isinstance(text, str) and isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) for c in choices) and isinstance(label, int)):
+            raise ValueError(f"{where}: needs 'inputs' (a string), 'choices' (two or more "
+                             "strings) and 'label' (the index of the right choice)")
+        if not 0 <= label < len(choices):
+            raise ValueError(f"{where}: label {label} is outside its {len(choices)} "
+                             f"choices: use 0 to {len(choices) - 1}")
+        questions.append((text, choices, label))
     return questions
 
 
@@ -327,6 +335,88 @@ def multiple_choice_files_source(files: str | Sequence[str],
     return seqio.FunctionDataSource(dataset_fn, splits=tuple(by_split))
 
 
+def choice_classification_text(question: str, choices: Sequence[str]) -> str:
+    """A multiple-choice question as one classifier input: the choices first, each after its
+    marker ("choice 0: ..."), then the question, so a long question is what the inputs
+    length cuts, never a choice."""
+    lines = [f"choice {index}: {choice}" for index, choice in enumerate(choices)]
+    return "\n".join(lines + [f"question:\n{question}"])
+
+
+def stdlib_choice_classification_source(num_choices: int = 4) -> seqio.DataSource:
+    """stdlib_multiple_choice_source's questions for a classifier: {"inputs": the choices
+    and the function in one text (choice_classification_text), "label": the index of its
+    own docstring line}, every split with all its choices."""
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, STDLIB_SPLITS)
+        examples = [(choice_classification_text(text, choices), label)
+                    for text, choices, label in multiple_choice(
+                        _stdlib_summaries(split), num_choices, STDLIB_SPLITS.index(split))]
+        return _labelled_dataset(examples, shuffle_files, seed)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=STDLIB_SPLITS)
+
+
+def _labelled_dataset(examples: Sequence[tuple[str, int]], shuffle: bool, seed: int | None
+                      ) -> tf.data.Dataset:
+    if shuffle:
+        examples = [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
+    texts, labels = zip(*examples)
+    return tf.data.Dataset.from_tensor_slices({"inputs": tf.constant(texts, tf.string),
+                                               "label": tf.constant(labels, tf.int32)})
+
+
+def _read_labelled(path: str, num_classes: int, input_field: str, label_field: str
+                   ) -> list[tuple[str, int]]:
+    """(input, label) per line of a .jsonl file ({input_field: str, label_field: int}) or a
+    .tsv file (input TAB label); a label outside [0, num_classes) is an error naming it."""
+    examples = []
+    for where, line in _numbered_lines(path):
+        if path.endswith(".jsonl"):
+            text, label = _json_fields(where, line, (input_field, label_field))
+            if not isinstance(text, str) or not isinstance(label, int) or isinstance(
+                    label, bool):
+                raise ValueError(f"{where}: needs {input_field!r} (a string) and "
+                                 f"{label_field!r} (an int class)")
+        else:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
+                raise ValueError(f"{where}: expected input<TAB>label (an int class)")
+            text, label = fields[0], int(fields[1])
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{where}: {label_field} {label} is outside the "
+                             f"{num_classes} classes: use 0 to {num_classes - 1}, or "
+                             f"register the task with num_classes > {label}")
+        examples.append((text, label))
+    return examples
+
+
+def classification_files_source(files: str | Sequence[str],
+                                validation_files: str | Sequence[str] | None = None, *,
+                                num_classes: int, input_field: str = "inputs",
+                                label_field: str = "label") -> seqio.DataSource:
+    """Local classification examples as {"inputs": tf.string, "label": tf.int32}, from
+    `.jsonl` files (fields `input_field`, `label_field`) or `.tsv` files (input TAB label),
+    labels in [0, num_classes). Files are parsed now, so a bad one fails at registration."""
+    files_by_split = {"train": _check_files(files)}
+    if validation_files is not None:
+        files_by_split["validation"] = _check_files(validation_files)
+    by_split = {split: [example for path in paths for example in _read_labelled(
+        path, num_classes, input_field, label_field)] for split, paths in files_by_split.items()}
+    for split, examples in by_split.items():
+        if not examples:
+            raise ValueError(f"the {split} files hold no examples "
+                             f"({', '.join(files_by_split[split])}): add one (input, label) "
+                             "per line, as JSON (.jsonl) or input TAB label (.tsv)")
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        _check_split(split, tuple(by_split))
+        return _labelled_dataset(by_split[split], shuffle_files, seed)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(by_split))
+
+
 def _pairs_dataset(pairs: Sequence[tuple[str, str]]) -> tf.data.Dataset:
     inputs, targets = zip(*pairs)
     return tf.data.Dataset.from_tensor_slices(
@@ -338,26 +428,18 @@ def _read_supervised_pairs(path: str, input_field: str, target_field: str
     """(input, target) pairs of a .jsonl file (two string fields per line) or a .tsv file
     (input TAB target per line; fields hold no tabs or newlines)."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-                fields = [record.get(key) if isinstance(record, dict) else None
-                          for key in (input_field, target_field)]
-                if not all(isinstance(field, str) for field in fields):
-                    raise ValueError(f"{path}:{line_number}: needs string fields "
-                                     f"{input_field!r} and {target_field!r}")
-            else:
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{line_number}: expected input<TAB>target, got "
-                                     f"{len(fields)} tab-separated field(s)")
-            pairs.append(tuple(fields))
+    for where, line in _numbered_lines(path):
+        if path.endswith(".jsonl"):
+            fields = _json_fields(where, line, (input_field, target_field))
+            if not all(isinstance(field, str) for field in fields):
+                raise ValueError(f"{where}: needs string fields {input_field!r} and "
+                                 f"{target_field!r}")
+        else:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2:
+                raise ValueError(f"{where}: expected input<TAB>target, got {len(fields)} "
+                                 "tab-separated field(s)")
+        pairs.append(tuple(fields))
     if not pairs:
         raise ValueError(f"{path} holds no examples")
     return pairs

@@ -110,6 +110,31 @@ class BartNoise:
                 functools.partial(preprocessors.bart_noise, **settings)]
 
 
+@dataclasses.dataclass(frozen=True)
+class BertMlm:
+    """BERT's masked LM, for encoder-only models (see `preprocessors.bert_mlm`): noise_density
+    of each chunk's tokens are chosen; of those, mask_rate become the mask token (T5's
+    vocabulary has no [MASK]: the first sentinel, <extra_id_0>), random_rate a random real
+    token, and the rest (0.1 by default) stay; the loss is on the chosen positions only.
+    Inputs and targets are the same chunk, TASK_FEATURE_LENGTHS['inputs'] tokens with EOS (a
+    'targets' length is ignored)."""
+
+    noise_density: float = 0.15
+    mask_rate: float = 0.8
+    random_rate: float = 0.1
+    concatenate_documents: bool = True
+    name: ClassVar[str] = "bert_mlm"
+
+    def __post_init__(self):
+        preprocessors.check_mlm_args(self.noise_density, self.mask_rate, self.random_rate)
+
+    def preprocessors(self) -> list:
+        return [functools.partial(preprocessors.split_tokens_for_mlm,
+                                  concatenate_documents=self.concatenate_documents),
+                functools.partial(preprocessors.bert_mlm, noise_density=self.noise_density,
+                                  mask_rate=self.mask_rate, random_rate=self.random_rate)]
+
+
 # The paper's UL2 configuration: R-denoisers 0.4, X-denoisers 0.4, S-denoiser 0.2.
 DEFAULT_UL2_DENOISERS = (
     {"mode_token": "[NLU]", "noise_density": 0.15, "mean_noise_span_length": 3.0, "rate": 0.2},
@@ -180,8 +205,9 @@ class UL2:
         return components
 
 
-Objective = SpanCorruption | PrefixLM | CausalLM | BartNoise | UL2
-OBJECTIVES = {cls.name: cls for cls in (SpanCorruption, PrefixLM, CausalLM, BartNoise, UL2)}
+Objective = SpanCorruption | PrefixLM | CausalLM | BartNoise | BertMlm | UL2
+OBJECTIVES = {cls.name: cls for cls in (SpanCorruption, PrefixLM, CausalLM, BartNoise, BertMlm,
+                                        UL2)}
 
 
 def get_objective(objective: "str | Objective") -> Objective:

@@ -12,6 +12,10 @@ For a decoder-only model (`decoder_only`), decoder_* and decoder_causal_attentio
 with inputs becomes a prefix-LM row [B, L + T] (seqio's PrefixLMFeatureConverter: inputs and
 targets concatenated, loss on the targets, decoder_causal_attention 1 over the inputs), a task
 of targets only a causal-LM row [B, T] (LMFeatureConverter; decoder_causal_attention all 0).
+For an encoder-only model (`encoder_only`), rows of L = task_feature_lengths["inputs"] tokens (a
+'targets' length is ignored): a masked-LM task gives ENCODER_ONLY_KEYS [B, L], the loss weights
+on its chosen positions; a classification task CLASSIFICATION_KEYS, one example per row (never
+packed), its label as classification_labels [B, 1].
 """
 import os
 import pathlib
@@ -22,6 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data import preprocessors
 from t5x_lite.data import tasks
 
 ENCODER_KEYS = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
@@ -29,6 +34,9 @@ DECODER_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_w
                 "decoder_segment_ids", "decoder_positions")
 BATCH_KEYS = ENCODER_KEYS + DECODER_KEYS
 DECODER_ONLY_KEYS = DECODER_KEYS + ("decoder_causal_attention",)
+ENCODER_ONLY_KEYS = ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights",
+                     "encoder_segment_ids", "encoder_positions")
+CLASSIFICATION_KEYS = ENCODER_KEYS + ("classification_labels", "classification_weights")
 
 
 def check_lengths(task_feature_lengths: dict[str, int],
@@ -46,10 +54,11 @@ def _add_unpacked_segments(features: dict[str, tf.Tensor]) -> dict[str, tf.Tenso
     """Gives an unpacked example the packed layout: segment 1 on tokens, 0 on padding, and
     positions counting from 0 (0 on padding, as packing leaves them)."""
     features = dict(features)
-    # Unpacked conversion shifts the padded targets, carrying EOS into the first padding slot;
-    # packing leaves 0 there, and one layout should mean one set of values.
-    features["decoder_input_tokens"] *= tf.cast(features["decoder_target_tokens"] != 0,
-                                                features["decoder_input_tokens"].dtype)
+    if "decoder_input_tokens" in features:
+        # Unpacked conversion shifts the padded targets, carrying EOS into the first padding
+        # slot; packing leaves 0 there, and one layout should mean one set of values.
+        features["decoder_input_tokens"] *= tf.cast(features["decoder_target_tokens"] != 0,
+                                                    features["decoder_input_tokens"].dtype)
     for prefix, tokens_key in (("encoder", "encoder_input_tokens"),
                                ("decoder", "decoder_target_tokens")):
         if tokens_key not in features:
@@ -69,10 +78,114 @@ def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Ten
     return {key: pad(value) for key, value in batch.items()}
 
 
-def feature_converter(task_name: str, element_spec: dict, decoder_only: bool, pack: bool
+class MaskedLMFeatureConverter(seqio.FeatureConverter):
+    """Masked-LM examples {"inputs", "targets", MLM_WEIGHTS} -> encoder_input_tokens,
+    encoder_target_tokens, encoder_loss_weights (packed: and encoder_segment_ids,
+    encoder_positions) of the "inputs" length. seqio's EncoderFeatureConverter weights only
+    the positions holding the mask token; BERT's loss is on every chosen position, those
+    replaced by a random token and those kept included, which MLM_WEIGHTS marks."""
+
+    TASK_FEATURES = {key: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+                     for key in ("inputs", "targets", preprocessors.MLM_WEIGHTS)}
+    MODEL_FEATURES = {key: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+                      for key in ENCODER_ONLY_KEYS[:3]}
+    PACKING_FEATURE_DTYPES = {"encoder_segment_ids": tf.int32, "encoder_positions": tf.int32}
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: dict[str, int]
+                          ) -> tf.data.Dataset:
+        def align_weights(features):
+            # The weights end where the chunk did, before the EOS the task appended. Packing
+            # takes trailing zeros for padding and drops them, which would shift the next
+            # example's weights: they travel as 1 (not chosen) and 2 (chosen) until unpacked.
+            weights = features[preprocessors.MLM_WEIGHTS][:tf.size(features["inputs"])]
+            padding = tf.size(features["inputs"]) - tf.size(weights)
+            return {**features, preprocessors.MLM_WEIGHTS: tf.pad(weights, [[0, padding]]) + 1}
+
+        def convert(features):
+            weights = tf.maximum(features[preprocessors.MLM_WEIGHTS] - 1, 0)
+            converted = {"encoder_input_tokens": features["inputs"],
+                         "encoder_target_tokens": features["targets"],
+                         "encoder_loss_weights": weights}
+            if self.pack:
+                converted["encoder_segment_ids"] = features["inputs_segment_ids"]
+                converted["encoder_positions"] = features["inputs_positions"]
+            return converted
+
+        ds = ds.map(align_weights, num_parallel_calls=tf.data.AUTOTUNE)
+        return self._pack_or_pad(ds, task_feature_lengths).map(
+            convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: dict[str, int]
+                                  ) -> dict[str, int]:
+        keys = ENCODER_ONLY_KEYS if self.pack else ENCODER_ONLY_KEYS[:3]
+        return {key: task_feature_lengths["inputs"] for key in keys}
+
+
+class ClassificationFeatureConverter(seqio.FeatureConverter):
+    """Classification examples {"inputs", "targets": [label]} -> encoder_input_tokens of the
+    "inputs" length, classification_labels [1] and classification_weights [1] (1: a real
+    example; the all-zero rows that pad a last batch weigh 0). One example per row: a
+    pooled head reads a whole row, so rows are never packed."""
+
+    TASK_FEATURES = {key: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+                     for key in ("inputs", "targets")}
+    MODEL_FEATURES = {key: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+                      for key in ("encoder_input_tokens", *CLASSIFICATION_KEYS[3:])}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.pack:
+            raise ValueError("classification rows hold one example each: pass pack=False")
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: dict[str, int]
+                          ) -> tf.data.Dataset:
+        return self._pack_or_pad(ds, task_feature_lengths).map(lambda features: {
+            "encoder_input_tokens": features["inputs"],
+            "classification_labels": features["targets"],
+            "classification_weights": tf.ones_like(features["targets"])},
+            num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: dict[str, int]
+                                  ) -> dict[str, int]:
+        return {"encoder_input_tokens": task_feature_lengths["inputs"],
+                "classification_labels": 1, "classification_weights": 1}
+
+
+def encoder_only_lengths(task_feature_lengths: dict[str, int]) -> dict[str, int]:
+    """The lengths an encoder-only model's tasks are read at: its rows' 'inputs' length for
+    inputs and targets alike (a masked LM's targets are its inputs' chunk; a classifier's,
+    one label). ValueError naming the fix when 'inputs' is missing."""
+    if "inputs" not in task_feature_lengths:
+        raise ValueError(f"an encoder_only model's rows are TASK_FEATURE_LENGTHS['inputs'] "
+                         f"tokens, which {dict(task_feature_lengths)} lacks: add it, e.g. "
+                         "{'inputs': 512} (a 'targets' length is ignored)")
+    check_lengths(task_feature_lengths, ("inputs",))
+    length = task_feature_lengths["inputs"]
+    return {"inputs": length, "targets": length}
+
+
+def feature_converter(task_name: str, element_spec: dict, decoder_only: bool, pack: bool,
+                      encoder_only: bool = False
                       ) -> tuple[seqio.FeatureConverter, tuple[str, ...]]:
     """(the seqio converter for the model family and the task's features, the batch keys)."""
     has_inputs = "inputs" in element_spec
+    masked_lm = preprocessors.MLM_WEIGHTS in element_spec
+    classification = bool(tasks.num_classes(task_name))
+    if encoder_only:
+        if masked_lm:
+            return MaskedLMFeatureConverter(pack=pack), ENCODER_ONLY_KEYS
+        if classification:
+            return ClassificationFeatureConverter(pack=False), CLASSIFICATION_KEYS
+        raise ValueError(
+            f"task {task_name!r} has targets to generate, which an encoder_only model cannot: "
+            "train it on a masked-LM task (gin/objectives/bert_mlm.gin) or a classification "
+            "task (tasks.register_classification_task), or use an encoder_decoder or "
+            "decoder_only model")
+    if masked_lm or classification:
+        kind = "a masked-LM" if masked_lm else "a classification"
+        raise ValueError(f"task {task_name!r} is {kind} task, for encoder_only models: use "
+                         "an encoder-only preset (gin/models/encoder_only_*.gin)")
     if not decoder_only:
         if not has_inputs:
             raise ValueError(
@@ -100,9 +213,16 @@ def task_dataset(task_name: str, task_feature_lengths: dict[str, int], **options
             ) from None
 
 
-def converter_lengths(task_feature_lengths: dict[str, int], element_spec: dict
-                      ) -> dict[str, int]:
-    """The lengths the converter takes: a causal-LM task's targets alone; otherwise both."""
+def converter_lengths(task_feature_lengths: dict[str, int], element_spec: dict,
+                      converter: seqio.FeatureConverter | None = None) -> dict[str, int]:
+    """The lengths `converter` takes: a masked LM's inputs length for its three features; a
+    classifier's inputs length and its one-id target; a causal-LM task's targets alone;
+    otherwise both."""
+    if isinstance(converter, MaskedLMFeatureConverter):
+        length = encoder_only_lengths(task_feature_lengths)["inputs"]
+        return {key: length for key in MaskedLMFeatureConverter.TASK_FEATURES}
+    if isinstance(converter, ClassificationFeatureConverter):
+        return {"inputs": encoder_only_lengths(task_feature_lengths)["inputs"], "targets": 1}
     keys = ("inputs", "targets") if "inputs" in element_spec else ("targets",)
     check_lengths(task_feature_lengths, keys)
     return {key: task_feature_lengths[key] for key in keys}
@@ -111,9 +231,11 @@ def converter_lengths(task_feature_lengths: dict[str, int], element_spec: dict
 def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int],
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
                 pack: bool = True, shard_index: int = 0, num_shards: int = 1,
-                decoder_only: bool = False) -> tf.data.Dataset:
+                decoder_only: bool = False, encoder_only: bool = False) -> tf.data.Dataset:
     """One input shard's tf.data pipeline (shard `shard_index` of `num_shards`, `batch_size`
     rows a batch), yielding batches of int32 tensors in the layout of the model family."""
+    if encoder_only:
+        task_feature_lengths = encoder_only_lengths(task_feature_lengths)
     check_lengths(task_feature_lengths, ("targets",))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,18 +251,22 @@ def get_dataset(task_name: str, split: str, task_feature_lengths: dict[str, int]
         task_name, task_feature_lengths, split=split, shuffle=shuffle, seed=seed,
         shard_info=shard_info if num_shards > 1 else None, num_epochs=None if repeat else 1)
     return model_batches(dataset, task_name, task_feature_lengths, batch_size, pack=pack,
-                         repeat=repeat, decoder_only=decoder_only)
+                         repeat=repeat, decoder_only=decoder_only, encoder_only=encoder_only)
 
 
 def model_batches(dataset: tf.data.Dataset, task_name: str,
                   task_feature_lengths: dict[str, int], batch_size: int, *, pack: bool,
-                  repeat: bool, decoder_only: bool) -> tf.data.Dataset:
+                  repeat: bool, decoder_only: bool, encoder_only: bool = False
+                  ) -> tf.data.Dataset:
     """Token examples {"inputs"?, "targets"} -> batches of the model family's features
-    (`task_name` only names the examples in errors); without `repeat` the last batch is
-    padded with all-zero rows."""
-    converter, keys = feature_converter(task_name, dataset.element_spec, decoder_only, pack)
-    dataset = converter(dataset, converter_lengths(task_feature_lengths, dataset.element_spec))
-    if not pack:
+    (`task_name`, a registered task or mixture, names the examples in errors and says
+    whether they are a classifier's); without `repeat` the last batch is padded with
+    all-zero rows."""
+    converter, keys = feature_converter(task_name, dataset.element_spec, decoder_only, pack,
+                                        encoder_only)
+    dataset = converter(dataset, converter_lengths(task_feature_lengths, dataset.element_spec,
+                                                   converter))
+    if not converter.pack:
         dataset = dataset.map(_add_unpacked_segments, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.map(lambda features: {
         key: tf.cast(features[key], tf.int32) if key in features
@@ -236,7 +362,8 @@ def get_shard_batches(task_name: str, split: str, task_feature_lengths: dict[str
                       batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
                       pack: bool = True, num_shards: int = 1,
                       shard_indices: Sequence[int] | None = None,
-                      decoder_only: bool = False) -> ShardedBatches:
+                      decoder_only: bool = False, encoder_only: bool = False
+                      ) -> ShardedBatches:
     """This host's rows of each global batch of `batch_size` rows, read from `num_shards`
     input shards: shard s gives rows [s * B / S, (s + 1) * B / S) of every batch. The host
     reads `shard_indices` (default all; consecutive) and gets their rows. Other arguments as
@@ -248,16 +375,17 @@ def get_shard_batches(task_name: str, split: str, task_feature_lengths: dict[str
     datasets = {shard_name(index, num_shards): get_dataset(
         task_name, split, task_feature_lengths, batch_size // num_shards, shuffle=shuffle,
         seed=seed, repeat=repeat, pack=pack, shard_index=index, num_shards=num_shards,
-        decoder_only=decoder_only) for index in shard_indices}
+        decoder_only=decoder_only, encoder_only=encoder_only) for index in shard_indices}
     return ShardedBatches(datasets, endless=repeat)
 
 
 def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int],
                 batch_size: int, *, shuffle: bool, seed: int | None, repeat: bool,
-                pack: bool = True, decoder_only: bool = False
+                pack: bool = True, decoder_only: bool = False, encoder_only: bool = False
                 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of `task_name`/`split` read as one input shard, as int32 NumPy arrays keyed by
-    BATCH_KEYS (DECODER_ONLY_KEYS with `decoder_only`).
+    BATCH_KEYS (DECODER_ONLY_KEYS with `decoder_only`; with `encoder_only`,
+    ENCODER_ONLY_KEYS for a masked-LM task, CLASSIFICATION_KEYS for a classification one).
 
     Args:
       task_feature_lengths: {"inputs": L, "targets": T}, tokens per row including EOS.
@@ -271,4 +399,5 @@ def get_batches(task_name: str, split: str, task_feature_lengths: dict[str, int]
     """
     return get_dataset(task_name, split, task_feature_lengths, batch_size, shuffle=shuffle,
                        seed=seed, repeat=repeat, pack=pack,
-                       decoder_only=decoder_only).as_numpy_iterator()
+                       decoder_only=decoder_only,
+                       encoder_only=encoder_only).as_numpy_iterator()

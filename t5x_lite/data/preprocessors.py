@@ -1,15 +1,20 @@
 """Token-level tf.data preprocessors for the pretraining objectives: cutting the documents'
-token stream into chunks that fit the requested lengths, T5 span corruption (Raffel et al. 2020, section 3.1.4),
-prefix-LM, BART noise (Lewis et al. 2020) and UL2 mode tokens (Tay et al. 2022).
+token stream into chunks that fit the requested lengths, T5 span corruption (Raffel et al.
+2020, section 3.1.4), prefix-LM, BART noise (Lewis et al. 2020), UL2 mode tokens (Tay et al.
+2022) and BERT's masked LM (Devlin et al. 2019); and the steps of rank-classification and
+classification tasks.
 
-Every objective maps `{"targets": int [n]}` chunks to `{"inputs", "targets"}` and adds no EOS
-(seqio's `append_eos_after_trim` does). All randomness is stateless and seeded by seqio, so a
+Every objective maps `{"targets": int [n]}` chunks to `{"inputs", "targets"}` (a masked LM
+adds the chosen positions, MLM_WEIGHTS) and adds no EOS (seqio's `append_eos_after_trim`
+does). All randomness is stateless and seeded by seqio, so a
 pipeline is reproducible from its seed. Objective settings and task wiring live in
 `objectives.py` and `tasks.py`.
 """
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from t5x_lite.data import vocab as vocab_lib
 
 
 def check_noise_args(noise_density: float, mean_noise_span_length: float) -> None:
@@ -478,3 +483,98 @@ def bart_noise(dataset: tf.data.Dataset, output_features: dict[str, seqio.Featur
                        token_deletion_rate=token_deletion_rate,
                        sentence_permutation=sentence_permutation,
                        document_rotation=document_rotation)
+
+
+# --- BERT masked LM ---------------------------------------------------------------------------
+
+def check_mlm_args(noise_density: float, mask_rate: float, random_rate: float) -> None:
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
+    for name, rate in (("mask_rate", mask_rate), ("random_rate", random_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    if mask_rate + random_rate > 1.0:
+        raise ValueError(f"mask_rate + random_rate must be <= 1 (the rest of the chosen tokens "
+                         f"stay unchanged), got {mask_rate} + {random_rate}")
+
+
+def split_tokens_for_mlm(dataset: tf.data.Dataset, sequence_length: dict[str, int],
+                         concatenate_documents: bool = True) -> tf.data.Dataset:
+    """`split_documents` to inputs - 1 tokens (EOS fills the row): a masked LM's inputs and
+    targets are the same chunk, TASK_FEATURE_LENGTHS['inputs'] tokens each with EOS."""
+    if sequence_length["inputs"] < 3:
+        raise ValueError(f"task_feature_lengths['inputs'] = {sequence_length['inputs']} is "
+                         "too short for a masked LM: it needs inputs >= 3")
+    return split_documents(dataset, sequence_length["inputs"] - 1, concatenate_documents)
+
+
+# The feature of a masked-LM example that marks its chosen positions (int32, 1 where the loss
+# is); the masked-LM feature converter (pipeline.py) turns it into encoder_loss_weights.
+MLM_WEIGHTS = "mlm_weights"
+
+
+@seqio.map_over_dataset(num_seeds=3)
+def _mask_tokens(features, seeds, *, noise_density: float, mask_rate: float,
+                 random_rate: float, mask_id: int, replacement_ids: tf.Tensor):
+    tokens = features["targets"]
+    num_tokens = tf.size(tokens)
+    num_chosen = tf.cast(tf.round(tf.cast(num_tokens, tf.float64) * noise_density), tf.int32)
+    num_chosen = tf.clip_by_value(num_chosen, 1, num_tokens)
+    _, chosen_at = tf.math.top_k(tf.random.stateless_uniform([num_tokens], seeds[0]),
+                                 num_chosen)
+    chosen = tf.scatter_nd(chosen_at[:, None], tf.ones([num_chosen], tf.bool), [num_tokens])
+    action = tf.random.stateless_uniform([num_tokens], seeds[1])
+    random_ids = tf.gather(replacement_ids, tf.random.stateless_uniform(
+        [num_tokens], seeds[2], maxval=tf.size(replacement_ids), dtype=tf.int32))
+    inputs = tf.where(chosen & (action < mask_rate), tf.cast(mask_id, tokens.dtype),
+                      tf.where(chosen & (action >= mask_rate) & (action < mask_rate + random_rate),
+                               random_ids, tokens))
+    return {"inputs": inputs, "targets": tokens, MLM_WEIGHTS: tf.cast(chosen, tf.int32)}
+
+
+def bert_mlm(dataset: tf.data.Dataset, output_features: dict[str, seqio.Feature],
+             noise_density: float = 0.15, mask_rate: float = 0.8,
+             random_rate: float = 0.1) -> tf.data.Dataset:
+    """BERT's masked LM (Devlin et al. 2019, section 3.1): round(noise_density * n) of each
+    chunk's n tokens are chosen (at least one) uniformly at random; each chosen token becomes
+    the mask token with probability mask_rate, a uniformly drawn real token (ids 3 to
+    vocab_size - extra_ids - 1: no pad, EOS, unk or sentinel, and no UL2 mode token) with
+    probability random_rate,
+    and stays itself otherwise. Inputs are the noised chunk, targets the chunk, and
+    MLM_WEIGHTS marks the chosen positions: the loss is on them only, kept ones included.
+
+    T5's vocabulary has no [MASK]: the mask token is the first sentinel, id vocab_size - 1
+    (<extra_id_0>), as in BART noise here and in T5-style masked LMs."""
+    check_mlm_args(noise_density, mask_rate, random_rate)
+    vocabulary = output_features["targets"].vocabulary
+    if vocabulary.extra_ids < 1:
+        raise ValueError("a masked LM needs a vocabulary with extra ids: its mask token is the "
+                         "first sentinel")
+    return _mask_tokens(dataset, noise_density=noise_density, mask_rate=mask_rate,
+                        random_rate=random_rate, mask_id=vocabulary.vocab_size - 1,
+                        replacement_ids=tf.constant(replacement_ids(vocabulary), tf.int32))
+
+
+def replacement_ids(vocabulary: seqio.Vocabulary) -> list[int]:
+    """The ids a masked LM's random replacement draws from: the real tokens (after pad, EOS
+    and unk, before the sentinels), less the UL2 mode tokens where the vocabulary holds them
+    as pieces of their own (vocab.MODE_TOKENS)."""
+    mode_ids = {ids[0] for ids in map(vocabulary.encode, vocab_lib.MODE_TOKENS)
+                if len(ids) == 1}
+    return [i for i in range(3, vocabulary.vocab_size - vocabulary.extra_ids)
+            if i not in mode_ids]
+
+
+# --- Classification ---------------------------------------------------------------------------
+
+def label_as_target(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """{"inputs": string, "label": int} -> {"inputs", "targets": [label]}: the label as a
+    one-id target of the task's vocab.ClassLabels."""
+    return dataset.map(lambda example: {"inputs": example["inputs"], "targets": tf.reshape(
+        tf.cast(example["label"], tf.int32), [1])}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def class_label(value, example=None, is_target: bool = False) -> int:
+    """seqio postprocess_fn of a classification task: a target ([label]) or a prediction
+    (the class picked, [class]) becomes the int class."""
+    return int(np.asarray(value).reshape(-1)[0])

@@ -3,13 +3,17 @@
 A task is a source (`corpora.py`) + an objective (`objectives.py`) + a vocabulary (`vocab.py`).
 Registered at import, named SOURCE_OBJECTIVE:
   - stdlib_span_corruption, stdlib_ul2, stdlib_prefix_lm, stdlib_causal_lm (targets only,
-    for decoder-only models), stdlib_bart on the embedded corpus
+    for decoder-only models), stdlib_bart, stdlib_bert_mlm (for encoder-only models) on the
+    embedded corpus
     (SentencePiece, 8000 pieces + 100 sentinels, trained on first use), and
     stdlib_span_corruption_bytes (byte vocabulary);
   - stdlib_docstrings, a supervised task on the same corpus (a function -> the first line of
     its docstring; BLEU and ROUGE), for fine-tuning;
   - stdlib_docstring_choice, multiple choice on the same functions (which of four docstring
     first lines is this function's), scored by rank classification (accuracy);
+  - stdlib_docstring_choice_classification, the same questions for a classifier (an
+    encoder-only model with num_classes = 4): the choices and the function in one input,
+    the right choice's index the label (accuracy);
   - c4_span_corruption, c4_ul2, wikipedia_span_corruption, wikipedia_ul2 for TFDS data
     prepared under $TFDS_DATA_DIR.
 UL2 names a mixture of one task per denoiser ("stdlib_ul2.nlu_span3_density0.15", ...).
@@ -113,7 +117,8 @@ def register_text_task(name: str, files, objective: str | objectives.Objective =
                        vocabulary: seqio.Vocabulary | None = None, validation_files=None,
                        text_field: str = "text", input_field: str = "inputs",
                        target_field: str = "targets",
-                       metrics: Sequence[str] = DEFAULT_SUPERVISED_METRICS) -> str:
+                       metrics: Sequence[str] = DEFAULT_SUPERVISED_METRICS,
+                       label_field: str = "label", num_classes: int | None = None) -> str:
     """Registers (or replaces) a task over local files. Splits: "train", plus "validation"
     given `validation_files`. Returns `name`.
 
@@ -122,7 +127,10 @@ def register_text_task(name: str, files, objective: str | objectives.Objective =
     `.jsonl` (`input_field`, `target_field`) or `.tsv` files and evaluates predictions with
     `metrics` (names in data.metrics.METRICS). objective="multiple_choice" reads
     {"inputs", "choices", "label"} questions from `.jsonl` files, evaluated by rank
-    classification (register_multiple_choice_task).
+    classification (register_multiple_choice_task). objective="classification" reads
+    (input, label) examples from `.jsonl` (`input_field`, `label_field`: an int in
+    [0, num_classes)) or `.tsv` (input TAB label) files, for an encoder-only classifier
+    (register_classification_task).
     """
     if objective == "supervised":
         source = corpora.supervised_files_source(files, validation_files, input_field,
@@ -131,6 +139,14 @@ def register_text_task(name: str, files, objective: str | objectives.Objective =
     if objective == "multiple_choice":
         source = corpora.multiple_choice_files_source(files, validation_files)
         return register_multiple_choice_task(name, source, vocabulary)
+    if objective == "classification":
+        if num_classes is None:
+            raise ValueError("register_text_task(objective='classification') needs num_classes"
+                             ", the number of labels (0 to num_classes - 1)")
+        source = corpora.classification_files_source(
+            files, validation_files, num_classes=num_classes, input_field=input_field,
+            label_field=label_field)
+        return register_classification_task(name, source, num_classes, vocabulary)
     source = corpora.text_files_source(files, validation_files, text_field)
     return register_task(name, source, objective, vocabulary)
 
@@ -156,11 +172,25 @@ def register_multiple_choice_task(name: str, source: seqio.DataSource,
                                preprocessors.rank_classification_target)
 
 
+def register_classification_task(name: str, source: seqio.DataSource, num_classes: int,
+                                 vocabulary: seqio.Vocabulary | None = None) -> str:
+    """Registers (or replaces) a classification task over a source of {"inputs": string,
+    "label": int in [0, num_classes)} examples, for an encoder-only model with
+    T5Config.num_classes = num_classes: the inputs are tokenized with EOS, the label is the
+    one-id target of vocab.ClassLabels(num_classes); evaluated by accuracy of the predicted
+    class."""
+    return _add_evaluated_task(name, source, vocabulary, [preprocessors.label_as_target],
+                               [metrics_lib.accuracy], preprocessors.class_label,
+                               seqio.Feature(vocab.ClassLabels(num_classes), add_eos=False))
+
+
 def _add_evaluated_task(name: str, source: seqio.DataSource,
                         vocabulary: seqio.Vocabulary | None, first_steps: list,
-                        metric_fns: list, postprocess_fn=None) -> str:
+                        metric_fns: list, postprocess_fn=None,
+                        targets: seqio.Feature | None = None) -> str:
     """A task of {"inputs", "targets"} strings (after `first_steps`), tokenized with EOS and
-    evaluated by `metric_fns`."""
+    evaluated by `metric_fns`; `targets` replaces the targets' feature (a classifier's
+    labels)."""
     vocabulary = vocabulary or default_vocabulary()
     _remove(name)
     seqio.TaskRegistry.add(
@@ -172,7 +202,7 @@ def _add_evaluated_task(name: str, source: seqio.DataSource,
             seqio.preprocessors.append_eos_after_trim,
         ],
         output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
-                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+                         "targets": targets or seqio.Feature(vocabulary, add_eos=True)},
         postprocess_fn=postprocess_fn,
         metric_fns=metric_fns,
         shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
@@ -204,6 +234,28 @@ def targets_vocabulary(name: str) -> seqio.Vocabulary:
     return get_task_or_mixture(name).output_features["targets"].vocabulary
 
 
+def text_vocabulary(name: str) -> seqio.Vocabulary:
+    """The vocabulary of the task's text: its targets', or a classification task's inputs'."""
+    if num_classes(name):
+        return get_task_or_mixture(name).output_features["inputs"].vocabulary
+    return targets_vocabulary(name)
+
+
+def num_classes(name: str) -> int:
+    """The classes of a classification task or mixture (its targets are vocab.ClassLabels);
+    0 for any other, read from its registration."""
+    vocabulary = targets_vocabulary(name)
+    return vocabulary.num_classes if isinstance(vocabulary, vocab.ClassLabels) else 0
+
+
+def is_masked_lm(name: str) -> bool:
+    """Whether the task or mixture `name` is a masked LM (objectives.BertMlm), for an
+    encoder-only model, read from its registration."""
+    return any(getattr(step, "func", step) is preprocessors.bert_mlm
+               for task in seqio.get_subtasks(get_task_or_mixture(name))
+               for step in task.preprocessors)
+
+
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     """The registered task or mixture `name`; ValueError naming the closest ones if none."""
     if name in seqio.MixtureRegistry.names():
@@ -219,12 +271,14 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
                      "my_tasks` in a gin file; README: Your own corpus)")
 
 
-for _objective in ("span_corruption", "ul2", "prefix_lm", "causal_lm", "bart"):
+for _objective in ("span_corruption", "ul2", "prefix_lm", "causal_lm", "bart", "bert_mlm"):
     register_task(source="stdlib", objective=_objective)
 register_task("stdlib_span_corruption_bytes", "stdlib", "span_corruption",
               vocab.byte_vocabulary())
 register_supervised_task("stdlib_docstrings", corpora.stdlib_docstrings_source())
 register_multiple_choice_task("stdlib_docstring_choice", corpora.stdlib_multiple_choice_source())
+register_classification_task("stdlib_docstring_choice_classification",
+                             corpora.stdlib_choice_classification_source(), num_classes=4)
 for _source in corpora.TFDS_SOURCES:
     for _objective in ("span_corruption", "ul2"):
         register_task(source=_source, objective=_objective)

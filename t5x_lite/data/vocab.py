@@ -1,6 +1,6 @@
 """Vocabularies: SentencePiece (load a given model, or train one on the embedded corpus on first
 use and cache it) and bytes. Both reserve pad=0, eos=1, unk=2 and end with `extra_ids` sentinels
-in T5's order: sentinel k is id `vocab_size - 1 - k`.
+in T5's order: sentinel k is id `vocab_size - 1 - k`. Also the class ids of classification tasks.
 """
 import hashlib
 import io
@@ -172,6 +172,20 @@ def sentencepiece_vocabulary(model_path: str | None = None, vocab_size: int = 80
 def byte_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.ByteVocabulary:
     """UTF-8 bytes shifted by 3 (ids 3..258) followed by `extra_ids` sentinels."""
     return seqio.ByteVocabulary(extra_ids=extra_ids)
+
+
+class ClassLabels(seqio.PassThroughVocabulary):
+    """The targets "vocabulary" of a classification task: its class ids 0 .. num_classes - 1,
+    passed through unchanged (a target is one id, the label; there is no EOS)."""
+
+    def __init__(self, num_classes: int):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        super().__init__(size=num_classes, eos_id=None)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
 
 
 def show_ids(vocabulary: seqio.Vocabulary, ids: Sequence[int]) -> str:
