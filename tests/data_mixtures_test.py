@@ -137,14 +137,15 @@ def test_each_objective_follows_the_seed(objective, short_documents, small_sente
     name = tasks.register_text_task(f"mixtures_test_seed_{objective}", [short_documents],
                                     objective, small_sentencepiece_vocab, text_field="body")
 
-    # A causal LM's rows are targets only, for a decoder-only model.
-    decoder_only = objective == "causal_lm"
+    # A causal LM's rows are targets only, for a decoder-only model; a masked LM's rows are
+    # an encoder-only model's.
+    decoder_only, encoder_only = objective == "causal_lm", objective == "bert_mlm"
     key = "decoder_target_tokens" if decoder_only else "encoder_input_tokens"
 
     def first_batches(seed):
         iterator = pipeline.get_batches(name, "train", {"inputs": 64, "targets": 64}, 4,
                                         shuffle=True, seed=seed, repeat=True,
-                                        decoder_only=decoder_only)
+                                        decoder_only=decoder_only, encoder_only=encoder_only)
         return [next(iterator)[key] for _ in range(2)]
 
     first, again, other = first_batches(1), first_batches(1), first_batches(2)
@@ -158,6 +159,7 @@ def test_each_objective_follows_the_seed(objective, short_documents, small_sente
     ("bart", {"inputs": 64, "targets": 2}, "too short for BART noise"),
     ("causal_lm", {"inputs": 64, "targets": 2}, "too short for a causal LM"),
     ("ul2", {"inputs": 2, "targets": 64}, "it needs inputs >= 4"),
+    ("bert_mlm", {"inputs": 2, "targets": 64}, "too short for a masked LM"),
 ])
 def test_lengths_too_short_for_the_objective_are_named(objective, lengths, message,
                                                        short_documents, small_sentencepiece_vocab):
