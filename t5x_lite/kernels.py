@@ -1,6 +1,7 @@
 """The kernels the hot path runs, chosen once per backend when a model is built (T5Config.
 kernels()): attention, projections, the cross-entropy, the position bias's sum over the batch,
-the token-embedding lookup and the precision of the relative-bias matmul.
+the token-embedding lookup and the precision of the one-hot matmuls that stand in for gathers
+(the relative-bias lookup, LongT5's global-token sums).
 
 - CPU: ops.py's hand-written backward passes, which dodge slow paths of XLA:CPU (transposes,
   leading-axis reductions, argmax; docs/performance.md), attention spelled out in einsums.

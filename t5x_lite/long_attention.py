@@ -94,13 +94,15 @@ def global_block_ids(segment_ids_BL: jax.Array, block_size: int
     return ids_BL.astype(jnp.int32), jnp.maximum(segments_BG, 0)
 
 
-def sum_global_blocks(x_BLD: jax.Array, global_block_BL: jax.Array, num_globals: int
-                      ) -> jax.Array:
-    """The global tokens' inputs [B, G, D] in float32: the sum of each block's tokens."""
-    ids_BL = jnp.where(global_block_BL < 0, num_globals, global_block_BL)
-    sums_BGD = jax.vmap(lambda x_LD, ids_L: jax.ops.segment_sum(
-        x_LD, ids_L, num_segments=num_globals + 1))(x_BLD.astype(jnp.float32), ids_BL)
-    return sums_BGD[:, :num_globals]
+def sum_global_blocks(x_BLD: jax.Array, global_block_BL: jax.Array, num_globals: int,
+                      precision: jax.lax.Precision | None = None) -> jax.Array:
+    """The global tokens' inputs [B, G, D] in float32: the sum of each block's tokens (none
+    of the tokens without one, block -1). A one-hot matmul, as Hugging Face's LongT5 sums
+    them, not a segment sum: that is a scatter-add in every layer, forward and backward,
+    serialised on colliding atomics on GPUs."""
+    one_hot_BLG = jax.nn.one_hot(global_block_BL, num_globals, dtype=jnp.float32)
+    return jnp.einsum("BLG,BLD->BGD", one_hot_BLG, x_BLD.astype(jnp.float32),
+                      precision=precision)
 
 
 class GlobalRelativePositionBias(nn.Module):
@@ -189,8 +191,8 @@ class LongSelfAttention(nn.Module):
         value_NSHK = folded(three_blocks(split_into_blocks(value(x_BLD), block)))
         if self.transient_global:
             num_globals = bias.bias_NHCS.shape[-1] - 3 * block
-            globals_BGD = layers.rms_norm(cfg, "global_input_norm")(
-                sum_global_blocks(x_BLD, bias.global_block_BL, num_globals))
+            globals_BGD = layers.rms_norm(cfg, "global_input_norm")(sum_global_blocks(
+                x_BLD, bias.global_block_BL, num_globals, cfg.kernels.precision))
             blocks = query_NCHK.shape[0] // batch
 
             def each_block(x_BGHK):  # the same global keys and values for every block
