@@ -43,8 +43,9 @@ def bindings(model_dir, task: str, lengths: dict, train_steps: int) -> list[str]
             "optimizers.rsqrt_schedule.warmup_steps = 100"]
 
 
-def run_in_process(entry_point, gin_files: list[str], bound: list[str]):
-    launch.parse_gin(["models/decoder_only_tiny.gin", *gin_files], bound)
+def run_in_process(entry_point, gin_files: list[str], bound: list[str],
+                   preset: str = "models/decoder_only_tiny.gin"):
+    launch.parse_gin([preset, *gin_files], bound)
     try:
         return gin.get_configurable(entry_point)()
     finally:

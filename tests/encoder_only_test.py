@@ -27,6 +27,7 @@ from t5x_lite.data import pipeline
 from t5x_lite.data import preprocessors
 from t5x_lite.data import tasks
 from t5x_lite.data import vocab
+from tests import decoder_only_train_test
 from tests.data_objectives_test import FIRST_SENTINEL, MASK, apply, random_documents
 from tests.layers_test import bucket_closed_form, rms64, self_attention_layers64
 from tests.train_test import SENTENCES, error_line, metric_rows, run_train_command
@@ -345,19 +346,12 @@ def test_the_families_refuse_each_others_tasks():
 # --- End to end -------------------------------------------------------------------------------
 
 def bindings(model_dir, task: str, train_steps: int) -> list[str]:
-    return [f"MODEL_DIR = '{model_dir}'", f"MIXTURE_OR_TASK_NAME = '{task}'",
-            f"TRAIN_STEPS = {train_steps}", "TASK_FEATURE_LENGTHS = {'inputs': 64}",
-            "BATCH_SIZE = 8", "CHECKPOINT_PERIOD = 10", "EVAL_PERIOD = 10", "EVAL_STEPS = 2",
-            "LOG_PERIOD = 5", "models.T5Config.vocab_size = 384",
-            "optimizers.rsqrt_schedule.warmup_steps = 100"]
+    return decoder_only_train_test.bindings(model_dir, task, {"inputs": 64}, train_steps)
 
 
 def run_in_process(entry_point, gin_files: list[str], bound: list[str]):
-    launch.parse_gin(["models/encoder_only_tiny.gin", *gin_files], bound)
-    try:
-        return gin.get_configurable(entry_point)()
-    finally:
-        gin.clear_config()
+    return decoder_only_train_test.run_in_process(entry_point, gin_files, bound,
+                                                  "models/encoder_only_tiny.gin")
 
 
 @pytest.fixture(scope="module")
